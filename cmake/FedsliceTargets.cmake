@@ -43,7 +43,7 @@ endfunction()
 
 # fedslice_test(<name> DEPS ...): one GoogleTest binary from every *_test.cc in the folder.
 function(fedslice_test name)
-  cmake_parse_arguments(ARG "" "TIMEOUT" "DEPS;LABELS" ${ARGN})
+  cmake_parse_arguments(ARG "SERIAL" "TIMEOUT" "DEPS;LABELS" ${ARGN})
   file(GLOB sources CONFIGURE_DEPENDS "${CMAKE_CURRENT_SOURCE_DIR}/*_test.cc")
   if(NOT sources)
     return()
@@ -54,7 +54,12 @@ function(fedslice_test name)
   if(NOT ARG_TIMEOUT)
     set(ARG_TIMEOUT 600)
   endif()
+  # SERIAL tests (training, multi-process) use every core: CTest runs them alone.
+  set(serial FALSE)
+  if(ARG_SERIAL)
+    set(serial TRUE)
+  endif()
   gtest_discover_tests(${name} DISCOVERY_TIMEOUT 60
-    PROPERTIES TIMEOUT ${ARG_TIMEOUT} LABELS "${ARG_LABELS}"
+    PROPERTIES TIMEOUT ${ARG_TIMEOUT} LABELS "${ARG_LABELS}" RUN_SERIAL ${serial}
     ENVIRONMENT "FEDSLICE_SOURCE_DIR=${PROJECT_SOURCE_DIR};FEDSLICE_BINARY_DIR=${PROJECT_BINARY_DIR}")
 endfunction()
