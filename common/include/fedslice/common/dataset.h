@@ -3,6 +3,7 @@
 // (scheme, seed, index, count) describe a client's share.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <numeric>
 #include <span>
