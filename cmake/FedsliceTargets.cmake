@@ -3,7 +3,10 @@
 
 add_library(fedslice_build_flags INTERFACE)
 target_compile_options(fedslice_build_flags INTERFACE
-  $<$<CXX_COMPILER_ID:GNU,Clang>:-Wall -Wextra -Wpedantic>)
+  $<$<CXX_COMPILER_ID:GNU,Clang>:-Wall -Wextra -Wpedantic>
+  # GCC 12 reports false 'may be used uninitialized' warnings inside its own
+  # avx512fintrin.h when Eigen's AVX-512 kernels are inlined (GCC bug 105593, fixed in 13).
+  $<$<AND:$<CXX_COMPILER_ID:GNU>,$<VERSION_LESS:$<CXX_COMPILER_VERSION>,13>>:-Wno-maybe-uninitialized>)
 if(FEDSLICE_ARCH)
   target_compile_options(fedslice_build_flags INTERFACE -march=${FEDSLICE_ARCH})
 endif()

@@ -1,0 +1,41 @@
+#include "cli.h"
+
+#include <iostream>
+
+namespace fedslice::cli {
+
+std::optional<po::variables_map> ParseOrExit(const std::string& command, const std::string& usage,
+                                             const po::options_description& options, int argc,
+                                             char** argv, int* exit_code,
+                                             const po::positional_options_description* positional) {
+  po::options_description all("Options");
+  all.add_options()("help,h", "show this help and exit");
+  all.add(options);
+  po::variables_map vm;
+  // The parser keeps a pointer to the positional description, so it must outlive run().
+  const po::positional_options_description no_positional;  // stray arguments are errors
+  try {
+    po::store(po::command_line_parser(argc, argv)  // skips argv[0], the subcommand
+                  .options(all)
+                  .positional(positional != nullptr ? *positional : no_positional)
+                  .run(),
+              vm);
+    if (vm.count("help") != 0U) {
+      std::cout << "Usage: fedslice " << command << " " << usage << "\n\n" << all << "\n";
+      *exit_code = kExitOk;
+      return std::nullopt;
+    }
+    po::notify(vm);
+  } catch (const po::error& e) {
+    PrintError(command, std::string(e.what()) + " (see 'fedslice " + command + " --help')");
+    *exit_code = kExitUsage;
+    return std::nullopt;
+  }
+  return vm;
+}
+
+void PrintError(const std::string& command, const std::string& message) {
+  std::cerr << "fedslice " << command << ": " << message << "\n";
+}
+
+}  // namespace fedslice::cli

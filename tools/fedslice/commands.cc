@@ -1,0 +1,15 @@
+#include "commands.h"
+
+#include "cli.h"
+
+namespace fedslice::cli {
+
+const std::vector<Command>& Commands() {
+  static const std::vector<Command> commands = {
+      {"train", "train a built-in model centrally on IDX data (MNIST layout)", RunTrain},
+      {"eval", "evaluate a saved model file on the test split of IDX data", RunEval},
+  };
+  return commands;
+}
+
+}  // namespace fedslice::cli
