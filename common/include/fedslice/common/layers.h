@@ -1,0 +1,165 @@
+// Layers of the sequential model engine (MiniDNN style): each has Forward and Backward over
+// batch-first tensors, and its parameters live in views into the model's flat buffers.
+//
+// Parameter layout (what the flat buffer of a Model holds, layer by layer):
+//   Dense:  weights [out_features, in_features] row-major, then bias [out_features].
+//   Conv2D: weights [out_channels, in_channels, kernel, kernel], then bias [out_channels].
+// This is PyTorch's layout, so weights can be exchanged with it by a plain copy.
+//
+// Ownership: a layer does not own its parameters; BindParams() points it at the caller's
+// buffers, which must outlive the layer (Model owns both). Thread-safety: none. A layer keeps
+// per-batch state (the activations Backward needs, scratch buffers), so one layer object must
+// not be used by two threads at once, even for Forward alone.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "fedslice/common/status.h"
+#include "fedslice/common/tensor.h"
+#include "fedslice/model.pb.h"
+
+namespace fedslice {
+
+class Layer {
+ public:
+  virtual ~Layer() = default;
+  Layer(const Layer&) = delete;
+  Layer& operator=(const Layer&) = delete;
+
+  // "dense", "conv2d", "maxpool2d", "relu", "flatten".
+  virtual std::string_view kind() const = 0;
+
+  // Sample shapes (batch excluded), fixed when the layer is created.
+  const std::vector<int64_t>& input_shape() const { return input_shape_; }
+  const std::vector<int64_t>& output_shape() const { return output_shape_; }
+
+  // Number of floats this layer reads from / writes to the flat buffers (0 if none).
+  virtual int64_t param_count() const { return 0; }
+  // Points the layer at param_count() floats of parameters and of gradients. No copy.
+  virtual void BindParams(float* /*params*/, float* /*grads*/) {}
+  // Fills the bound parameters: weights uniform in +-sqrt(6 / fan_in) (He) when `he`, else
+  // +-sqrt(6 / (fan_in + fan_out)) (Glorot); biases zero. Deterministic given `rng`'s state.
+  virtual void InitParams(std::mt19937_64& /*rng*/, bool /*he*/) {}
+
+  // in: [batch] + input_shape(); out is resized to [batch] + output_shape(). `in` and `out`
+  // must be distinct. With training = true the layer also keeps what Backward needs.
+  virtual void Forward(const Tensor& in, Tensor* out, bool training) = 0;
+  // Needs the previous call to have been Forward(training = true). grad_out: dLoss/dOut with
+  // the shape of that Forward's output. Overwrites (does not accumulate) the bound
+  // gradients. grad_in, when not null, receives dLoss/dIn (resized to the input's shape);
+  // nullptr skips that work, which is what the first layer of a model wants.
+  virtual void Backward(const Tensor& grad_out, Tensor* grad_in) = 0;
+
+ protected:
+  Layer(std::vector<int64_t> input_shape, std::vector<int64_t> output_shape)
+      : input_shape_(std::move(input_shape)), output_shape_(std::move(output_shape)) {}
+
+  // [batch] + shape.
+  static std::vector<int64_t> Batched(int64_t batch, const std::vector<int64_t>& shape);
+
+ private:
+  std::vector<int64_t> input_shape_;
+  std::vector<int64_t> output_shape_;
+};
+
+// Builds the layer `spec` describes for inputs of sample shape `input_shape`, after checking
+// that the two fit (channels, feature counts, kernel vs image size, ...) and that sizes are
+// positive and bounded. The error names the layer by `index` and spec.name().
+Result<std::unique_ptr<Layer>> CreateLayer(const proto::LayerSpec& spec,
+                                           const std::vector<int64_t>& input_shape, int index);
+
+// Fully connected: out = in * W^T + b. Input sample shape {in_features}.
+class DenseLayer final : public Layer {
+ public:
+  DenseLayer(int64_t in_features, int64_t out_features);
+  std::string_view kind() const override { return "dense"; }
+  int64_t param_count() const override { return out_ * in_ + out_; }
+  void BindParams(float* params, float* grads) override;
+  void InitParams(std::mt19937_64& rng, bool he) override;
+  void Forward(const Tensor& in, Tensor* out, bool training) override;
+  void Backward(const Tensor& grad_out, Tensor* grad_in) override;
+
+ private:
+  int64_t in_, out_;
+  float* w_ = nullptr;   // [out_, in_]
+  float* b_ = nullptr;   // [out_]
+  float* dw_ = nullptr;
+  float* db_ = nullptr;
+  Tensor input_;  // copy of the last training input, for dW
+};
+
+// 2-D convolution over NCHW with square kernels, stride and zero padding; im2col + one GEMM
+// per batch.
+class Conv2DLayer final : public Layer {
+ public:
+  // input_shape = {in_channels, height, width}.
+  Conv2DLayer(const std::vector<int64_t>& input_shape, int64_t out_channels, int64_t kernel,
+              int64_t stride, int64_t padding);
+  std::string_view kind() const override { return "conv2d"; }
+  int64_t param_count() const override { return oc_ * ckk_ + oc_; }
+  void BindParams(float* params, float* grads) override;
+  void InitParams(std::mt19937_64& rng, bool he) override;
+  void Forward(const Tensor& in, Tensor* out, bool training) override;
+  void Backward(const Tensor& grad_out, Tensor* grad_in) override;
+
+ private:
+  // im2col of samples [n0, n0 + nb) of `in` into cols_: [ckk_, nb * p_] row-major.
+  void Im2Col(const float* in, int64_t n0, int64_t nb);
+
+  int64_t c_, h_, w_, oc_, k_, stride_, pad_, oh_, ow_;
+  int64_t ckk_;  // c_ * k_ * k_: rows of a patch column
+  int64_t p_;    // oh_ * ow_: output positions per sample
+  float* w_ptr_ = nullptr;  // [oc_, ckk_]
+  float* b_ptr_ = nullptr;  // [oc_]
+  float* dw_ptr_ = nullptr;
+  float* db_ptr_ = nullptr;
+  Tensor cols_;    // [ckk_, batch * p_]; after a training Forward, the whole batch's columns
+  Tensor y_;       // [oc_, batch * p_] GEMM output / dLoss/dOut in the same layout
+  Tensor dcols_;   // [ckk_, batch * p_]
+  int64_t train_batch_ = 0;
+};
+
+// Max pooling over NCHW, square window, no padding (a window that would hang over the edge is
+// dropped, as in PyTorch's default floor mode).
+class MaxPool2DLayer final : public Layer {
+ public:
+  MaxPool2DLayer(const std::vector<int64_t>& input_shape, int64_t kernel, int64_t stride);
+  std::string_view kind() const override { return "maxpool2d"; }
+  void Forward(const Tensor& in, Tensor* out, bool training) override;
+  void Backward(const Tensor& grad_out, Tensor* grad_in) override;
+
+ private:
+  int64_t c_, h_, w_, k_, stride_, oh_, ow_;
+  std::vector<int32_t> argmax_;  // per output element: index of the max within its input plane
+};
+
+// max(x, 0), elementwise, any shape.
+class ReluLayer final : public Layer {
+ public:
+  explicit ReluLayer(const std::vector<int64_t>& input_shape);
+  std::string_view kind() const override { return "relu"; }
+  void Forward(const Tensor& in, Tensor* out, bool training) override;
+  void Backward(const Tensor& grad_out, Tensor* grad_in) override;
+
+ private:
+  Tensor output_;  // last training output: the gradient passes where it is > 0
+};
+
+// Reshapes [batch, ...] to [batch, prod(...)].
+class FlattenLayer final : public Layer {
+ public:
+  explicit FlattenLayer(const std::vector<int64_t>& input_shape);
+  std::string_view kind() const override { return "flatten"; }
+  void Forward(const Tensor& in, Tensor* out, bool training) override;
+  void Backward(const Tensor& grad_out, Tensor* grad_in) override;
+
+ private:
+  int64_t batch_ = 0;
+};
+
+}  // namespace fedslice
