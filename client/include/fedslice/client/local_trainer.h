@@ -1,0 +1,56 @@
+// LocalTrainer: what an edge client does with a FitTask or an EvaluateTask, independent of
+// how the task arrived. The networked client (edge_client.h) and the in-process simulator
+// (`fedslice sim`) both call it, which is what makes a simulated run and a networked run with
+// the same seeds produce the same global model.
+//
+// The trainer owns the client's private data; nothing here ever serialises a sample. Only the
+// update (local weights minus the global weights received) leaves, encoded as the task says.
+//
+// Thread-safety: none; one trainer per client, used by one thread at a time.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+#include "fedslice/common/dataset.h"
+#include "fedslice/common/model.h"
+#include "fedslice/common/status.h"
+#include "fedslice/wire.pb.h"
+
+namespace fedslice::client {
+
+class LocalTrainer {
+ public:
+  // `train` is the client's private training data; `test` (optional) serves EvaluateTasks.
+  LocalTrainer(data::Dataset train, std::optional<data::Dataset> test);
+
+  // Builds the model the coordinator announced (Welcome.model) and checks that the private
+  // data fits it (sample shape, label range, finite values). On error the trainer keeps the
+  // model it had before.
+  Status SetModel(const proto::ModelSpec& spec);
+  bool has_model() const { return model_ != nullptr; }
+
+  // Trains from the task's global weights for its local epochs and returns the FitResult
+  // (round and task id echoed, encoded update, sample count, last-epoch train loss).
+  // Errors, with nothing sent: no model (FailedPrecondition); weights of the wrong size or
+  // codec, or non-finite (InvalidArgument); bad hyperparameters (InvalidArgument); training
+  // diverged (Aborted).
+  Result<proto::FitResult> Fit(const proto::FitTask& task);
+
+  // Loss and accuracy of the task's weights on the local test data (FailedPrecondition when
+  // the client has none).
+  Result<proto::EvaluateResult> Evaluate(const proto::EvaluateTask& task);
+
+  int64_t num_train_samples() const { return train_.size(); }
+  const data::Dataset& train_data() const { return train_; }
+
+ private:
+  Status LoadWeights(const proto::EncodedTensor& weights);
+
+  data::Dataset train_;
+  std::optional<data::Dataset> test_;
+  std::unique_ptr<Model> model_;
+};
+
+}  // namespace fedslice::client
