@@ -8,6 +8,7 @@ const std::vector<Command>& Commands() {
   static const std::vector<Command> commands = {
       {"train", "train a built-in model centrally on IDX data (MNIST layout)", RunTrain},
       {"eval", "evaluate a saved model file on the test split of IDX data", RunEval},
+      {"sim", "simulate a federation of N virtual clients in one process", RunSim},
   };
   return commands;
 }

@@ -5,5 +5,6 @@ namespace fedslice::cli {
 
 int RunTrain(int argc, char** argv);
 int RunEval(int argc, char** argv);
+int RunSim(int argc, char** argv);
 
 }  // namespace fedslice::cli

@@ -1,0 +1,161 @@
+// `fedslice sim`: a federation of N virtual clients in one process (no sockets).
+#include <chrono>
+#include <cstdio>
+#include <string>
+
+#include "cli.h"
+#include "commands.h"
+#include "fedslice/common/idx.h"
+#include "fedslice/common/model_io.h"
+#include "fedslice/common/model_zoo.h"
+#include "fedslice/coordinator/simulation.h"
+
+namespace fedslice::cli {
+
+int RunSim(int argc, char** argv) {
+  const std::string command = "sim";
+  std::string model_name;
+  std::string data_dir;
+  std::string partition = "iid";
+  std::string strategy = "fedavg";
+  std::string codec = "fp32";
+  std::string out_dir;
+  std::string save_model;
+  coordinator::SimulationConfig config;
+  coordinator::FederationConfig& fed = config.federation;
+  uint64_t seed = 1;
+  int eval_every = 1;
+  po::options_description options;
+  options.add_options()
+      ("model", po::value(&model_name)->required(), "built-in model: mlp | cnn")
+      ("data", po::value(&data_dir)->required(), "MNIST-layout IDX directory")
+      ("clients", po::value(&config.num_clients)->default_value(100), "virtual clients N")
+      ("partition", po::value(&partition)->default_value("iid"),
+       "iid | shards[:K] | dirichlet:ALPHA")
+      ("partition-seed", po::value(&config.partition_seed)->default_value(1), "partition seed")
+      ("rounds", po::value(&fed.rounds)->default_value(10), "federated rounds")
+      ("fraction", po::value(&fed.fraction)->default_value(0.1, "0.1"),
+       "C: fraction of clients per round")
+      ("min-fit", po::value(&fed.min_fit)->default_value(1), "results a round needs")
+      ("epochs", po::value(&fed.local_epochs)->default_value(5), "E: local epochs")
+      ("batch", po::value(&fed.batch_size)->default_value(10), "B: local batch size")
+      ("lr", po::value(&fed.learning_rate)->default_value(0.05f, "0.05"), "client learning rate")
+      ("momentum", po::value(&fed.momentum)->default_value(0.0f, "0"), "client SGD momentum")
+      ("weight-decay", po::value(&fed.weight_decay)->default_value(0.0f, "0"),
+       "client weight decay")
+      ("strategy", po::value(&strategy)->default_value("fedavg"),
+       "fedavg | fedprox:mu=X | fedavgm:lr=X,momentum=Y | fedadam:lr=X,beta1=..,beta2=..,tau=..")
+      ("codec", po::value(&codec)->default_value("fp32"), "update codec")
+      ("seed", po::value(&seed)->default_value(1), "run seed: model init, sampling, shuffling")
+      ("threads", po::value(&config.parallelism)->default_value(0),
+       "clients trained at once (0 = all cores)")
+      ("out-dir", po::value(&out_dir),
+       "write checkpoints and metrics.{csv,jsonl} here (resumes if it holds a checkpoint)")
+      ("eval-every", po::value(&eval_every)->default_value(1),
+       "print a progress line every N rounds")
+      ("save-model", po::value(&save_model), "write the final global model to this file");
+  int exit_code = kExitOk;
+  auto vm = ParseOrExit(command,
+                        "--model mlp|cnn --data DIR [--clients N] [--partition P] [--rounds R] "
+                        "[--fraction C] [--epochs E] [--batch B] [--lr X]",
+                        options, argc, argv, &exit_code);
+  if (!vm) return exit_code;
+  if (eval_every < 1) {
+    PrintError(command, "--eval-every must be >= 1");
+    return kExitUsage;
+  }
+  auto scheme = data::ParsePartitionScheme(partition);
+  if (!scheme.ok()) {
+    PrintError(command, scheme.status().message());
+    return kExitUsage;
+  }
+  config.partition = *scheme;
+  auto strategy_config = coordinator::StrategyConfig::Parse(strategy);
+  if (!strategy_config.ok()) {
+    PrintError(command, strategy_config.status().message());
+    return kExitUsage;
+  }
+  fed.strategy = *strategy_config;
+  fed.codec.set_name(codec);
+  fed.seed = seed;
+  fed.out_dir = out_dir;
+  auto spec = BuiltinSpec(model_name, seed);
+  if (!spec.ok()) {
+    PrintError(command, spec.status().message());
+    return kExitUsage;
+  }
+  fed.model = *spec;
+  if (Status valid = fed.Validate(); !valid.ok()) {
+    PrintError(command, valid.message());
+    return kExitUsage;
+  }
+
+  auto train = data::LoadMnist(data_dir, data::Split::kTrain);
+  if (!train.ok()) {
+    PrintError(command, train.status().ToString());
+    return kExitFailure;
+  }
+  auto test = data::LoadMnist(data_dir, data::Split::kTest);
+  if (!test.ok()) {
+    PrintError(command, test.status().ToString());
+    return kExitFailure;
+  }
+  std::printf("sim: %s, %d clients (%s), %u rounds, C=%g, E=%u, B=%u, lr=%g, %s, codec %s\n",
+              model_name.c_str(), config.num_clients, data::ToString(config.partition).c_str(),
+              fed.rounds, fed.fraction, fed.local_epochs, fed.batch_size,
+              static_cast<double>(fed.learning_rate), fed.strategy.ToString().c_str(),
+              codec.c_str());
+  std::fflush(stdout);
+  const auto started = std::chrono::steady_clock::now();
+  std::vector<float> final_weights;
+  auto metrics = coordinator::RunSimulation(
+      config, *train, std::move(test).value(),
+      [&](const proto::RoundMetrics& m) {
+        if (m.round() % static_cast<uint64_t>(eval_every) == 0 || m.round() == fed.rounds) {
+          std::printf("round %4llu  accuracy %6.2f%%  loss %.4f  train_loss %.4f  clients %u/%u"
+                      "  up %.2f MB  %.2fs\n",
+                      static_cast<unsigned long long>(m.round()), 100.0 * m.accuracy(), m.loss(),
+                      m.train_loss(), m.clients_answered(), m.clients_asked(),
+                      static_cast<double>(m.bytes_up()) / 1e6, m.seconds());
+          std::fflush(stdout);
+        }
+      },
+      &final_weights);
+  if (!metrics.ok()) {
+    PrintError(command, metrics.status().ToString());
+    return kExitFailure;
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  double tail_sum = 0;
+  int tail_count = 0;
+  for (const auto& m : *metrics) {
+    if (m.round() + 10 > fed.rounds) {
+      tail_sum += m.accuracy();
+      ++tail_count;
+    }
+  }
+  std::printf("sim: %zu rounds in %.1fs (%.1f rounds/min)", metrics->size(), seconds,
+              seconds > 0 ? 60.0 * static_cast<double>(metrics->size()) / seconds : 0.0);
+  if (tail_count > 0) {
+    std::printf("; mean accuracy over the last %d rounds %.2f%%", tail_count,
+                100.0 * tail_sum / tail_count);
+  }
+  std::printf("\n");
+  if (!save_model.empty()) {
+    auto model = Model::Create(fed.model);
+    if (!model.ok() || !model->SetParams(final_weights).ok()) {
+      PrintError(command, "could not rebuild the final model");
+      return kExitFailure;
+    }
+    if (Status saved = SaveModel(*model, save_model, {{"trained_by", "fedslice sim"}});
+        !saved.ok()) {
+      PrintError(command, saved.ToString());
+      return kExitFailure;
+    }
+    std::printf("saved %s\n", save_model.c_str());
+  }
+  return kExitOk;
+}
+
+}  // namespace fedslice::cli
