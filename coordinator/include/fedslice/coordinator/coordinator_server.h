@@ -1,0 +1,73 @@
+// CoordinatorServer: the networked coordinator. It accepts edge clients over mutual TLS
+// (net::Server), registers them (Hello -> Welcome / Reject), and drives the Federation's
+// rounds: waits for min_available clients, sends FitTasks to the sampled ones, folds their
+// FitResults in as they arrive, drops clients that disconnect or miss the round deadline,
+// and completes (or retries) the round.
+//
+// Threads: one I/O thread runs the transport; Run() is the round thread and the only one that
+// touches the Federation. Transport events reach it through a queue, so the round logic is
+// sequential code. Every message a client sends is validated before use; a bad one is answered
+// with an Error (and logged) and never changes the global model.
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "fedslice/common/dataset.h"
+#include "fedslice/common/net/server.h"
+#include "fedslice/common/net/tls.h"
+#include "fedslice/common/status.h"
+#include "fedslice/coordinator/federation.h"
+
+namespace fedslice::coordinator {
+
+struct CoordinatorOptions {
+  FederationConfig federation;
+  net::TlsConfig tls;
+  net::ServerOptions server;
+  // Rounds start once this many clients are registered.
+  size_t min_available = 2;
+  // Ask every registered client holding test data to evaluate the new global model every N
+  // rounds (0 = never); the sample-weighted result goes into the metrics.
+  uint32_t federated_eval_every = 0;
+};
+
+class CoordinatorServer {
+ public:
+  // Builds (or resumes) the federation and starts listening. Errors: bad configuration,
+  // unreadable certificates, the port in use, an incompatible checkpoint.
+  static Result<std::unique_ptr<CoordinatorServer>> Start(CoordinatorOptions options,
+                                                          std::optional<data::Dataset> test_set);
+
+  // Stops (as Stop()) and joins the I/O thread.
+  ~CoordinatorServer();
+  CoordinatorServer(const CoordinatorServer&) = delete;
+  CoordinatorServer& operator=(const CoordinatorServer&) = delete;
+
+  uint16_t port() const;
+
+  // Runs rounds until the federation has completed all of them (clients then get
+  // Bye{BYE_NORMAL, "run complete"}; returns OK) or Stop() is called (clients get
+  // Bye{BYE_SHUTTING_DOWN}; returns Aborted). A completed round is checkpointed before the
+  // next starts, so a killed coordinator loses at most the round in progress.
+  Status Run();
+
+  // Thread-safe and async-signal-free (sets a flag and wakes Run()). Idempotent.
+  void Stop();
+
+  // Thread-safe snapshots, for tests and status output.
+  uint64_t completed_rounds() const;
+  std::vector<float> GlobalWeights() const;
+  std::vector<proto::RoundMetrics> History() const;
+  size_t num_registered() const;
+
+  struct Impl;
+
+ private:
+  explicit CoordinatorServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace fedslice::coordinator

@@ -1,0 +1,467 @@
+#include "fedslice/coordinator/coordinator_server.h"
+
+#include <spdlog/spdlog.h>
+
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "fedslice/common/net/encoded_tensor.h"
+#include "fedslice/common/net/wire.h"
+
+namespace fedslice::coordinator {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// A transport event, handed from the I/O thread to the round thread.
+struct Event {
+  enum class Kind { kOpen, kMessage, kClosed, kWake } kind = Kind::kWake;
+  net::SessionPtr session;
+  proto::Envelope envelope;
+  Status reason;
+};
+
+class EventQueue {
+ public:
+  void Push(Event event) {
+    {
+      std::lock_guard lock(mu_);
+      events_.push_back(std::move(event));
+    }
+    cv_.notify_one();
+  }
+  // The next event, or nullopt once `deadline` passes.
+  std::optional<Event> Pop(Clock::time_point deadline) {
+    std::unique_lock lock(mu_);
+    if (!cv_.wait_until(lock, deadline, [&] { return !events_.empty(); })) return std::nullopt;
+    Event event = std::move(events_.front());
+    events_.pop_front();
+    return event;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Event> events_;
+};
+
+// Forwards every transport callback into the queue: the round thread does the thinking, so
+// the I/O thread never blocks on training-sized work.
+class QueueingHandler final : public net::SessionHandler {
+ public:
+  explicit QueueingHandler(EventQueue* queue) : queue_(queue) {}
+  void OnOpen(const net::SessionPtr& session) override {
+    queue_->Push({Event::Kind::kOpen, session, {}, {}});
+  }
+  void OnMessage(const net::SessionPtr& session, proto::Envelope envelope) override {
+    queue_->Push({Event::Kind::kMessage, session, std::move(envelope), {}});
+  }
+  void OnClosed(const net::SessionPtr& session, const Status& reason) override {
+    queue_->Push({Event::Kind::kClosed, session, {}, reason});
+  }
+  void OnRejected(const std::string& remote_address, const Status& reason) override {
+    spdlog::warn("refused connection from {}: {}", remote_address, reason.ToString());
+  }
+
+ private:
+  EventQueue* queue_;
+};
+
+// On-the-wire size of a message: frame header plus payload.
+uint64_t WireBytes(const proto::Envelope& envelope) {
+  return net::kFrameHeaderBytes + envelope.ByteSizeLong();
+}
+
+proto::ErrorCode ErrorCodeFor(const Status& status) {
+  switch (status.code()) {
+    case Status::Code::kFailedPrecondition:
+      return proto::ERROR_UNKNOWN_TASK;
+    case Status::Code::kInvalidArgument:
+      return status.message().find("the model has") != std::string::npos
+                 ? proto::ERROR_SHAPE_MISMATCH
+                 : proto::ERROR_INVALID_TENSOR;
+    default:
+      return proto::ERROR_INTERNAL;
+  }
+}
+
+}  // namespace
+
+struct CoordinatorServer::Impl {
+  CoordinatorOptions options;
+  std::unique_ptr<Federation> federation;
+  boost::asio::io_context io;
+  std::optional<boost::asio::executor_work_guard<boost::asio::io_context::executor_type>> work;
+  std::unique_ptr<net::Server> server;
+  std::thread io_thread;
+  EventQueue queue;
+  std::atomic<bool> stop_requested{false};
+
+  // Registered clients (Hello answered with Welcome), by certificate identity. Only the round
+  // thread touches it.
+  struct Client {
+    net::SessionPtr session;
+    proto::DeviceProfile profile;
+    bool has_test_data = true;
+  };
+  std::map<std::string, Client> clients;
+  std::atomic<size_t> num_registered{0};
+  std::atomic<uint64_t> completed_rounds{0};
+
+  // Snapshots for other threads.
+  mutable std::mutex snapshot_mu;
+  std::vector<float> weights_snapshot;
+  std::vector<proto::RoundMetrics> history_snapshot;
+
+  // Traffic and federated evaluation of the round in progress.
+  Federation::Traffic traffic;
+  std::map<std::string, uint64_t> eval_tasks;  // client -> EvaluateTask id awaited
+  std::vector<proto::EvaluateResult> eval_results;
+
+  void TakeSnapshot() {
+    std::lock_guard lock(snapshot_mu);
+    const auto params = federation->global_model().params();
+    weights_snapshot.assign(params.begin(), params.end());
+    history_snapshot = federation->history();
+    completed_rounds = federation->completed_rounds();
+  }
+
+  void Send(const net::SessionPtr& session, proto::Envelope envelope, bool count_down) {
+    const uint64_t bytes = WireBytes(envelope);
+    if (Status sent = session->Send(std::move(envelope)); !sent.ok()) {
+      spdlog::warn("send to {} failed: {}", session->peer_identity(), sent.ToString());
+      return;
+    }
+    if (count_down) traffic.bytes_down += bytes;
+  }
+
+  void SendError(const net::SessionPtr& session, proto::ErrorCode code, const std::string& message,
+                 uint64_t seq) {
+    spdlog::warn("{}: {}", session->peer_identity(), message);
+    Send(session, net::MakeError(code, message, seq), false);
+  }
+
+  bool IsRegistered(const net::SessionPtr& session) const {
+    auto it = clients.find(session->peer_identity());
+    return it != clients.end() && it->second.session == session;
+  }
+
+  std::vector<std::string> RegisteredIds() const {
+    std::vector<std::string> ids;
+    for (const auto& [id, client] : clients) ids.push_back(id);
+    return ids;
+  }
+
+  void HandleHello(const net::SessionPtr& session, const proto::Envelope& envelope) {
+    const proto::Hello& hello = envelope.hello();
+    const std::string& identity = session->peer_identity();
+    if (IsRegistered(session)) {
+      SendError(session, proto::ERROR_UNEXPECTED_MESSAGE, "Hello sent twice", envelope.seq());
+      return;
+    }
+    if (hello.client_id() != identity) {
+      Send(session,
+           net::MakeReject(proto::REJECT_NOT_AUTHORIZED,
+                           "client_id '" + hello.client_id() +
+                               "' is not the identity of your certificate ('" + identity + "')"),
+           false);
+      session->Close(Status::PermissionDenied("Hello.client_id differs from the certificate"));
+      return;
+    }
+    if (hello.protocol_major() != net::kProtocolMajor) {
+      Send(session,
+           net::MakeReject(proto::REJECT_VERSION_MISMATCH,
+                           "protocol major " + std::to_string(hello.protocol_major()) +
+                               " is not supported; this coordinator speaks " +
+                               std::to_string(net::kProtocolMajor)),
+           false);
+      session->Close(Status::FailedPrecondition("protocol version mismatch"));
+      return;
+    }
+    if (federation->finished()) {
+      session->Close();  // Bye BYE_NORMAL: nothing left to do
+      return;
+    }
+    proto::Envelope welcome;
+    welcome.mutable_welcome()->set_session_id(std::to_string(session->id()));
+    *welcome.mutable_welcome()->mutable_model() = federation->config().model;
+    *welcome.mutable_welcome()->mutable_run_config() = federation->run_config_message();
+    welcome.mutable_welcome()->set_protocol_minor(net::kProtocolMinor);
+    Send(session, std::move(welcome), false);
+    clients[identity] = Client{session, hello.profile(), true};
+    num_registered = clients.size();
+    spdlog::info("client {} registered from {} ({}; {} clients)", identity,
+                 session->remote_address(), session->tls_version(), clients.size());
+  }
+
+  void HandleFitResult(const net::SessionPtr& session, const proto::Envelope& envelope) {
+    traffic.bytes_up += WireBytes(envelope);
+    const std::string& identity = session->peer_identity();
+    if (Status accepted = federation->AcceptFitResult(identity, envelope.fit_result());
+        !accepted.ok()) {
+      SendError(session, ErrorCodeFor(accepted), accepted.message(), envelope.seq());
+      return;
+    }
+    spdlog::info("round {}: update from {} ({} samples, train loss {:.4f}, {:.2f}s)",
+                 envelope.fit_result().round(), identity, envelope.fit_result().num_samples(),
+                 envelope.fit_result().train_loss(), envelope.fit_result().compute_seconds());
+  }
+
+  void HandleEvaluateResult(const net::SessionPtr& session, const proto::Envelope& envelope) {
+    const std::string& identity = session->peer_identity();
+    const proto::EvaluateResult& result = envelope.evaluate_result();
+    auto it = eval_tasks.find(identity);
+    if (it == eval_tasks.end() || it->second != result.task_id()) {
+      SendError(session, proto::ERROR_UNKNOWN_TASK,
+                "EvaluateResult for task " + std::to_string(result.task_id()) +
+                    ", which this client was not given",
+                envelope.seq());
+      return;
+    }
+    eval_tasks.erase(it);
+    if (result.num_samples() == 0 || result.num_correct() > result.num_samples() ||
+        !std::isfinite(result.loss())) {
+      SendError(session, proto::ERROR_INVALID_MESSAGE, "inconsistent EvaluateResult",
+                envelope.seq());
+      return;
+    }
+    eval_results.push_back(result);
+  }
+
+  // Applies one transport event to the registry and the open round.
+  void Handle(Event event) {
+    const net::SessionPtr& session = event.session;
+    switch (event.kind) {
+      case Event::Kind::kWake:
+      case Event::Kind::kOpen:
+        return;  // registration waits for Hello
+      case Event::Kind::kClosed: {
+        if (!IsRegistered(session)) return;
+        const std::string identity = session->peer_identity();
+        clients.erase(identity);
+        num_registered = clients.size();
+        federation->MarkDropped(identity);
+        eval_tasks.erase(identity);
+        spdlog::info("client {} left: {} ({} clients)", identity, event.reason.ToString(),
+                     clients.size());
+        return;
+      }
+      case Event::Kind::kMessage:
+        break;
+    }
+    const proto::Envelope& envelope = event.envelope;
+    if (envelope.has_hello()) return HandleHello(session, envelope);
+    if (!IsRegistered(session)) {
+      SendError(session, proto::ERROR_UNEXPECTED_MESSAGE,
+                "expected Hello, got " + net::BodyName(envelope), envelope.seq());
+      return;
+    }
+    switch (envelope.body_case()) {
+      case proto::Envelope::kFitResult:
+        return HandleFitResult(session, envelope);
+      case proto::Envelope::kEvaluateResult:
+        return HandleEvaluateResult(session, envelope);
+      case proto::Envelope::kError:
+        // A client that cannot do its task says so; it will not answer this round.
+        spdlog::warn("{} reports: {}", session->peer_identity(), envelope.error().message());
+        federation->MarkDropped(session->peer_identity());
+        eval_tasks.erase(session->peer_identity());
+        return;
+      case proto::Envelope::kBye:
+        spdlog::info("{} says bye: {}", session->peer_identity(), envelope.bye().message());
+        return;
+      default:
+        SendError(session, proto::ERROR_UNEXPECTED_MESSAGE,
+                  net::BodyName(envelope) + " is not a message a client sends", envelope.seq());
+        return;
+    }
+  }
+
+  // Processes events until `done()` holds, `deadline` passes or a stop is requested.
+  template <typename Done>
+  void PumpUntil(Clock::time_point deadline, Done done) {
+    while (!stop_requested && !done()) {
+      auto event = queue.Pop(std::min(deadline, Clock::now() + std::chrono::seconds(1)));
+      if (event) {
+        Handle(std::move(*event));
+      } else if (Clock::now() >= deadline) {
+        return;
+      }
+    }
+  }
+
+  void WaitForClients() {
+    auto next_log = Clock::now();
+    while (!stop_requested && clients.size() < options.min_available) {
+      if (Clock::now() >= next_log) {
+        spdlog::info("waiting for clients: {} of {} registered", clients.size(),
+                     options.min_available);
+        next_log = Clock::now() + std::chrono::seconds(10);
+      }
+      PumpUntil(Clock::now() + std::chrono::seconds(1),
+                [&] { return clients.size() >= options.min_available; });
+    }
+  }
+
+  void FederatedEvaluation(proto::RoundMetrics* metrics) {
+    eval_tasks.clear();
+    eval_results.clear();
+    proto::EvaluateTask base;
+    base.set_round(metrics->round());
+    if (!net::EncodeFp32(federation->global_model().params(), base.mutable_weights()).ok()) return;
+    base.set_deadline_ms(static_cast<uint32_t>(options.federation.round_deadline.count()));
+    uint64_t next_id = (metrics->round() << 24) | (uint64_t{0xff} << 16);
+    for (const auto& [id, client] : clients) {
+      proto::Envelope envelope;
+      *envelope.mutable_evaluate_task() = base;
+      envelope.mutable_evaluate_task()->set_task_id(next_id);
+      eval_tasks[id] = next_id++;
+      Send(client.session, std::move(envelope), true);
+    }
+    PumpUntil(Clock::now() + options.federation.round_deadline,
+              [&] { return eval_tasks.empty(); });
+    eval_tasks.clear();
+    Federation::AddFederatedEvaluation(eval_results, metrics);
+  }
+
+  // One round, retried with a fresh sample until it completes or a stop is requested.
+  Status RunRound() {
+    for (uint32_t attempt = 0; !stop_requested; ++attempt) {
+      WaitForClients();
+      if (stop_requested) break;
+      auto plan = federation->BeginRound(RegisteredIds(), attempt);
+      if (!plan.ok()) {
+        spdlog::warn("cannot start a round: {}", plan.status().ToString());
+        PumpUntil(Clock::now() + std::chrono::seconds(1), [] { return false; });
+        continue;
+      }
+      traffic = {};
+      spdlog::info("round {} (attempt {}): asking {} of {} clients", plan->round, attempt,
+                   plan->assignments.size(), clients.size());
+      for (Assignment& a : plan->assignments) {
+        proto::Envelope envelope;
+        *envelope.mutable_fit_task() = std::move(a.task);
+        Send(clients.at(a.client_id).session, std::move(envelope), true);
+      }
+      const auto deadline = Clock::now() + options.federation.round_deadline;
+      PumpUntil(deadline, [&] { return federation->PendingClients().empty(); });
+      for (const std::string& late : federation->PendingClients()) {
+        spdlog::warn("round {}: {} missed the deadline", plan->round, late);
+        federation->MarkDropped(late);
+      }
+      if (stop_requested) break;
+      auto metrics = federation->FinishRound(traffic);
+      if (!metrics.ok()) {
+        if (metrics.status().code() != Status::Code::kUnavailable) return metrics.status();
+        spdlog::warn("{}; retrying the round", metrics.status().message());
+        continue;
+      }
+      if (options.federated_eval_every > 0 &&
+          metrics->round() % options.federated_eval_every == 0) {
+        FederatedEvaluation(&*metrics);
+      }
+      FEDSLICE_RETURN_IF_ERROR(federation->CommitRound(*metrics));
+      TakeSnapshot();
+      spdlog::info(
+          "round {} done: accuracy {:.2f}%, loss {:.4f}, {}/{} clients answered, {} dropped, "
+          "{:.2f} MB up, {:.2f} MB down, {:.2f}s",
+          metrics->round(), 100.0 * metrics->accuracy(), metrics->loss(),
+          metrics->clients_answered(), metrics->clients_asked(), metrics->clients_dropped(),
+          static_cast<double>(metrics->bytes_up()) / 1e6,
+          static_cast<double>(metrics->bytes_down()) / 1e6, metrics->seconds());
+      return Status::Ok();
+    }
+    return Status::Aborted("stopped");
+  }
+
+  // Closes every client's session (the transport flushes, then sends Bye: BYE_NORMAL for an
+  // OK reason, BYE_SHUTTING_DOWN for Unavailable, BYE_ERROR otherwise) and stops listening.
+  void Shutdown(const Status& reason) {
+    for (const auto& [id, client] : clients) client.session->Close(reason);
+    clients.clear();
+    num_registered = 0;
+    if (server) server->Stop();
+    work.reset();
+  }
+};
+
+Result<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
+    CoordinatorOptions options, std::optional<data::Dataset> test_set) {
+  if (options.min_available < options.federation.min_fit) {
+    return Status::InvalidArgument("min_available (" + std::to_string(options.min_available) +
+                                   ") must be >= min_fit (" +
+                                   std::to_string(options.federation.min_fit) + ")");
+  }
+  auto impl = std::make_unique<Impl>();
+  FEDSLICE_ASSIGN_OR_RETURN(impl->federation,
+                            Federation::Create(options.federation, std::move(test_set)));
+  impl->options = std::move(options);
+  impl->TakeSnapshot();
+  auto handler = std::make_shared<QueueingHandler>(&impl->queue);
+  FEDSLICE_ASSIGN_OR_RETURN(
+      impl->server,
+      net::Server::Start(impl->io, impl->options.tls, impl->options.server, handler));
+  impl->work.emplace(impl->io.get_executor());
+  Impl* raw = impl.get();
+  impl->io_thread = std::thread([raw] { raw->io.run(); });
+  spdlog::info("coordinator listening on {}:{} (model {}, {} rounds, resuming after round {})",
+               impl->options.server.bind_address, impl->server->port(),
+               impl->federation->config().model.name(), impl->federation->config().rounds,
+               impl->federation->completed_rounds());
+  return std::unique_ptr<CoordinatorServer>(new CoordinatorServer(std::move(impl)));
+}
+
+CoordinatorServer::CoordinatorServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+CoordinatorServer::~CoordinatorServer() {
+  Stop();
+  if (impl_->server) impl_->server->Stop();
+  impl_->work.reset();
+  if (impl_->io_thread.joinable()) impl_->io_thread.join();
+  impl_->server.reset();
+}
+
+uint16_t CoordinatorServer::port() const { return impl_->server->port(); }
+
+Status CoordinatorServer::Run() {
+  Impl& impl = *impl_;
+  while (!impl.stop_requested && !impl.federation->finished()) {
+    Status round = impl.RunRound();
+    if (!round.ok() && !impl.stop_requested) {
+      impl.Shutdown(round);
+      return round;
+    }
+  }
+  if (impl.federation->finished()) {
+    spdlog::info("all {} rounds done", impl.federation->config().rounds);
+    impl.Shutdown(Status::Ok());
+    return Status::Ok();
+  }
+  impl.Shutdown(Status::Unavailable("coordinator shutting down"));
+  return Status::Aborted("coordinator stopped before all rounds were done");
+}
+
+void CoordinatorServer::Stop() {
+  impl_->stop_requested = true;
+  impl_->queue.Push({});
+}
+
+uint64_t CoordinatorServer::completed_rounds() const { return impl_->completed_rounds.load(); }
+size_t CoordinatorServer::num_registered() const { return impl_->num_registered.load(); }
+
+std::vector<float> CoordinatorServer::GlobalWeights() const {
+  std::lock_guard lock(impl_->snapshot_mu);
+  return impl_->weights_snapshot;
+}
+
+std::vector<proto::RoundMetrics> CoordinatorServer::History() const {
+  std::lock_guard lock(impl_->snapshot_mu);
+  return impl_->history_snapshot;
+}
+
+}  // namespace fedslice::coordinator
