@@ -7,7 +7,9 @@ namespace fedslice::cli {
 std::optional<po::variables_map> ParseOrExit(const std::string& command, const std::string& usage,
                                              const po::options_description& options, int argc,
                                              char** argv, int* exit_code,
-                                             const po::positional_options_description* positional) {
+                                             const po::positional_options_description* positional,
+                                             const std::string& program) {
+  const std::string display = program.empty() ? "fedslice " + command : program;
   po::options_description all("Options");
   all.add_options()("help,h", "show this help and exit");
   all.add(options);
@@ -21,13 +23,13 @@ std::optional<po::variables_map> ParseOrExit(const std::string& command, const s
                   .run(),
               vm);
     if (vm.count("help") != 0U) {
-      std::cout << "Usage: fedslice " << command << " " << usage << "\n\n" << all << "\n";
+      std::cout << "Usage: " << display << " " << usage << "\n\n" << all << "\n";
       *exit_code = kExitOk;
       return std::nullopt;
     }
     po::notify(vm);
   } catch (const po::error& e) {
-    PrintError(command, std::string(e.what()) + " (see 'fedslice " + command + " --help')");
+    std::cerr << display << ": " << e.what() << " (see '" << display << " --help')\n";
     *exit_code = kExitUsage;
     return std::nullopt;
   }

@@ -1,10 +1,10 @@
-// Shared plumbing of the `fedslice` subcommands: option parsing with --help on every
-// subcommand, and one way to report errors (message on stderr, exit code 2 for usage errors,
-// 1 for failures).
+// Shared command-line plumbing of the FedSlice programs (`fedslice` and its subcommands,
+// `fedslice-client`, `fedslice-coordinator`): option parsing with --help everywhere, and one
+// way to report errors (message on stderr, exit code 2 for usage errors, 1 for failures).
+// Built as the internal static library `fedslice_cli`.
 #pragma once
 
 #include <boost/program_options.hpp>
-#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -17,24 +17,19 @@ inline constexpr int kExitOk = 0;
 inline constexpr int kExitFailure = 1;
 inline constexpr int kExitUsage = 2;
 
-struct Command {
-  std::string name;
-  std::string summary;
-  // argv[0] is the subcommand name.
-  std::function<int(int argc, char** argv)> run;
-};
-
-// Every subcommand registers itself here (see commands.cc).
-const std::vector<Command>& Commands();
-
 // Parses argv against `options` (plus --help). Returns the parsed map, or the exit code to
 // return: kExitOk after printing help, kExitUsage after printing a usage error (unknown flag,
-// missing value, bad number).
+// missing value, bad number). argv[0] is skipped (the subcommand or program name).
+//
+// Messages name the program as "fedslice <command>" for subcommands of `fedslice`; a
+// standalone binary passes its own name as `program` (e.g. "fedslice-client"), which is then
+// used alone.
 std::optional<po::variables_map> ParseOrExit(const std::string& command, const std::string& usage,
                                              const po::options_description& options, int argc,
                                              char** argv, int* exit_code,
                                              const po::positional_options_description* positional =
-                                                 nullptr);
+                                                 nullptr,
+                                             const std::string& program = "");
 
 // Prints "fedslice <command>: <message>" to stderr.
 void PrintError(const std::string& command, const std::string& message);

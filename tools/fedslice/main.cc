@@ -5,6 +5,7 @@
 #include <string>
 
 #include "cli.h"
+#include "commands.h"
 
 namespace {
 
