@@ -5,22 +5,27 @@
 #include <cstring>
 #include <limits>
 
+#include <omp.h>
+
+#include "dense_kernels.h"
 #include "fedslice/common/threading.h"
 #include "init_random.h"
 
 namespace fedslice {
 namespace {
 
-using ParamMap = Eigen::Map<RowMatrix>;               // views into the flat buffers: unaligned
+// Views into the flat buffers and into per-sample slices of tensors: not necessarily aligned.
+using ParamMap = Eigen::Map<RowMatrix>;
+using ConstMap = Eigen::Map<const RowMatrix>;
 using RowVectorMap = Eigen::Map<Eigen::RowVectorXf>;
 
 // Bounds that reject absurd specs (a typo of a few zeros) before anything is allocated.
 constexpr int64_t kMaxDim = int64_t{1} << 20;            // any single dimension
 constexpr int64_t kMaxSampleSize = int64_t{1} << 26;     // floats of one sample's activation
 constexpr int64_t kMaxLayerParams = int64_t{1} << 28;    // 1 GiB of float32
-// In inference, a convolution processes this many floats of im2col columns at a time, so
-// evaluating with a large batch does not need columns for the whole batch.
-constexpr int64_t kInferenceColsFloats = int64_t{1} << 23;  // 32 MiB
+// Up to this batch size Dense layers use the kernels of dense_kernels.h, beyond it Eigen's
+// GEMM, whose packing cost is then amortised over enough rows.
+constexpr int64_t kSmallBatch = 64;
 
 void FillUniform(std::mt19937_64& rng, float* p, int64_t n, double bound) {
   for (int64_t i = 0; i < n; ++i) p[i] = internal::UniformSymmetric(rng, bound);
@@ -94,20 +99,30 @@ void DenseLayer::InitParams(std::mt19937_64& rng, bool he) {
 void DenseLayer::Forward(const Tensor& in, Tensor* out, bool training) {
   const int64_t batch = in.batch();
   out->Resize({batch, out_});
-  ParamMap w(w_, out_, in_);
-  // [B, out] = [B, in] * [in, out]
-  out->matrix().noalias() = in.matrix() * w.transpose();
-  out->matrix().rowwise() += RowVectorMap(b_, out_);
+  if (batch <= kSmallBatch) {
+    internal::DenseForward(in.data(), batch, in_, w_, b_, out_, out->data());
+  } else {
+    // [B, out] = [B, in] * [in, out]
+    out->matrix().noalias() = in.matrix() * ParamMap(w_, out_, in_).transpose();
+    out->matrix().rowwise() += RowVectorMap(b_, out_);
+  }
   if (training) input_ = in;
 }
 
 void DenseLayer::Backward(const Tensor& grad_out, Tensor* grad_in) {
-  ParamMap dw(dw_, out_, in_);
-  // [out, in] = [out, B] * [B, in]
-  dw.noalias() = grad_out.matrix().transpose() * input_.matrix();
-  ColumnSums(grad_out.data(), grad_out.batch(), out_, db_);
-  if (grad_in != nullptr) {
-    grad_in->Resize(input_.shape());
+  const int64_t batch = grad_out.batch();
+  if (batch <= kSmallBatch) {
+    internal::DenseWeightGrad(grad_out.data(), input_.data(), batch, in_, out_, dw_, db_);
+  } else {
+    // [out, in] = [out, B] * [B, in]
+    ParamMap(dw_, out_, in_).noalias() = grad_out.matrix().transpose() * input_.matrix();
+    ColumnSums(grad_out.data(), batch, out_, db_);
+  }
+  if (grad_in == nullptr) return;
+  grad_in->Resize(input_.shape());
+  if (batch <= kSmallBatch) {
+    internal::DenseInputGrad(grad_out.data(), w_, batch, in_, out_, grad_in->data());
+  } else {
     // [B, in] = [B, out] * [out, in]
     grad_in->matrix().noalias() = grad_out.matrix() * ParamMap(w_, out_, in_);
   }
@@ -144,37 +159,56 @@ void Conv2DLayer::InitParams(std::mt19937_64& rng, bool he) {
   std::fill_n(b_ptr_, oc_, 0.0f);
 }
 
-void Conv2DLayer::Im2Col(const float* in, int64_t n0, int64_t nb) {
-  cols_.Resize({ckk_, nb * p_});
-  float* cols = cols_.data();
-  const int64_t ld = nb * p_;  // row stride of cols_
-#pragma omp parallel for collapse(2) schedule(static) num_threads(NumThreads())
-  for (int64_t n = 0; n < nb; ++n) {
-    for (int64_t c = 0; c < c_; ++c) {
-      const float* plane = in + ((n0 + n) * c_ + c) * h_ * w_;
-      for (int64_t ki = 0; ki < k_; ++ki) {
-        for (int64_t kj = 0; kj < k_; ++kj) {
-          float* dst = cols + ((c * k_ + ki) * k_ + kj) * ld + n * p_;
-          // Output columns whose input column iw = ow * stride - pad + kj lies inside.
-          const int64_t ow_lo = std::clamp<int64_t>(
-              (pad_ - kj + stride_ - 1) / stride_, 0, ow_);
-          const int64_t ow_hi = std::clamp<int64_t>(
-              (w_ + pad_ - kj + stride_ - 1) / stride_, ow_lo, ow_);
-          for (int64_t oh = 0; oh < oh_; ++oh, dst += ow_) {
-            const int64_t ih = oh * stride_ - pad_ + ki;
-            if (ih < 0 || ih >= h_) {
-              std::fill_n(dst, ow_, 0.0f);
-              continue;
-            }
-            const float* row = plane + ih * w_;
-            const int64_t shift = kj - pad_;  // iw = ow * stride + shift
-            std::fill_n(dst, ow_lo, 0.0f);
-            if (stride_ == 1) {
-              std::copy(row + ow_lo + shift, row + ow_hi + shift, dst + ow_lo);
-            } else {
-              for (int64_t ow = ow_lo; ow < ow_hi; ++ow) dst[ow] = row[ow * stride_ + shift];
-            }
-            std::fill(dst + ow_hi, dst + ow_, 0.0f);
+void Conv2DLayer::Im2Col(const float* in, float* cols) const {
+  for (int64_t c = 0; c < c_; ++c) {
+    const float* plane = in + c * h_ * w_;
+    for (int64_t ki = 0; ki < k_; ++ki) {
+      for (int64_t kj = 0; kj < k_; ++kj) {
+        float* dst = cols + ((c * k_ + ki) * k_ + kj) * p_;
+        // Output columns whose input column iw = ow * stride - pad + kj lies inside.
+        const int64_t ow_lo = std::clamp<int64_t>((pad_ - kj + stride_ - 1) / stride_, 0, ow_);
+        const int64_t ow_hi =
+            std::clamp<int64_t>((w_ + pad_ - kj + stride_ - 1) / stride_, ow_lo, ow_);
+        const int64_t shift = kj - pad_;  // iw = ow * stride + shift
+        for (int64_t oh = 0; oh < oh_; ++oh, dst += ow_) {
+          const int64_t ih = oh * stride_ - pad_ + ki;
+          if (ih < 0 || ih >= h_) {
+            std::fill_n(dst, ow_, 0.0f);
+            continue;
+          }
+          const float* row = plane + ih * w_;
+          std::fill_n(dst, ow_lo, 0.0f);
+          if (stride_ == 1) {
+            std::copy(row + ow_lo + shift, row + ow_hi + shift, dst + ow_lo);
+          } else {
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) dst[ow] = row[ow * stride_ + shift];
+          }
+          std::fill(dst + ow_hi, dst + ow_, 0.0f);
+        }
+      }
+    }
+  }
+}
+
+void Conv2DLayer::Col2Im(const float* cols, float* in) const {
+  std::fill_n(in, c_ * h_ * w_, 0.0f);
+  for (int64_t c = 0; c < c_; ++c) {
+    float* plane = in + c * h_ * w_;
+    for (int64_t ki = 0; ki < k_; ++ki) {
+      for (int64_t kj = 0; kj < k_; ++kj) {
+        const float* src = cols + ((c * k_ + ki) * k_ + kj) * p_;
+        const int64_t ow_lo = std::clamp<int64_t>((pad_ - kj + stride_ - 1) / stride_, 0, ow_);
+        const int64_t ow_hi =
+            std::clamp<int64_t>((w_ + pad_ - kj + stride_ - 1) / stride_, ow_lo, ow_);
+        const int64_t shift = kj - pad_;
+        for (int64_t oh = 0; oh < oh_; ++oh, src += ow_) {
+          const int64_t ih = oh * stride_ - pad_ + ki;
+          if (ih < 0 || ih >= h_) continue;
+          float* row = plane + ih * w_;
+          if (stride_ == 1) {
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) row[ow + shift] += src[ow];
+          } else {
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) row[ow * stride_ + shift] += src[ow];
           }
         }
       }
@@ -182,91 +216,94 @@ void Conv2DLayer::Im2Col(const float* in, int64_t n0, int64_t nb) {
   }
 }
 
+int Conv2DLayer::PrepareWorkers(int64_t batch) {
+  const int workers = static_cast<int>(std::clamp<int64_t>(NumThreads(), 1, batch));
+  if (static_cast<int>(scratch_.size()) < workers) scratch_.resize(static_cast<size_t>(workers));
+  return workers;
+}
+
+// Samples are spread over the workers (each with its own scratch, Eigen single-threaded
+// inside the parallel region); with one worker, Eigen may parallelise each product itself.
+// Either way each sample's output is computed by one fixed sequence of operations.
 void Conv2DLayer::Forward(const Tensor& in, Tensor* out, bool training) {
   const int64_t batch = in.batch();
   out->Resize({batch, oc_, oh_, ow_});
-  const int64_t chunk =
-      training ? batch
-               : std::clamp<int64_t>(kInferenceColsFloats / std::max<int64_t>(1, ckk_ * p_), 1,
-                                     std::max<int64_t>(batch, 1));
-  ParamMap w(w_ptr_, oc_, ckk_);
-  for (int64_t n0 = 0; n0 < batch; n0 += chunk) {
-    const int64_t nb = std::min(chunk, batch - n0);
-    Im2Col(in.data(), n0, nb);
-    y_.Resize({oc_, nb * p_});
-    // [oc, nb * p] = [oc, ckk] * [ckk, nb * p]
-    y_.matrix().noalias() = w * cols_.matrix();
-    const float* y = y_.data();
-    float* o = out->data() + n0 * oc_ * p_;
-    const float* bias = b_ptr_;
-    const int64_t ld = nb * p_;
-#pragma omp parallel for collapse(2) schedule(static) num_threads(NumThreads())
-    for (int64_t n = 0; n < nb; ++n) {
-      for (int64_t oc = 0; oc < oc_; ++oc) {
-        const float* src = y + oc * ld + n * p_;
-        float* dst = o + (n * oc_ + oc) * p_;
-        const float b = bias[oc];
-        for (int64_t p = 0; p < p_; ++p) dst[p] = src[p] + b;
-      }
+  const int workers = PrepareWorkers(batch);
+  const int64_t in_size = c_ * h_ * w_;
+  auto run = [&](int t, int nt) {
+    const int64_t n0 = batch * t / nt, n1 = batch * (t + 1) / nt;
+    Scratch& s = scratch_[static_cast<size_t>(t)];
+    s.cols.Resize({ckk_, p_});
+    const ParamMap w(w_ptr_, oc_, ckk_);
+    for (int64_t n = n0; n < n1; ++n) {
+      Im2Col(in.data() + n * in_size, s.cols.data());
+      ParamMap y(out->data() + n * oc_ * p_, oc_, p_);
+      // [oc, p] = [oc, ckk] * [ckk, p]
+      y.noalias() = w * s.cols.matrix();
+      for (int64_t oc = 0; oc < oc_; ++oc) y.row(oc).array() += b_ptr_[oc];
     }
+  };
+  if (workers > 1) {
+#pragma omp parallel num_threads(workers)
+    run(omp_get_thread_num(), omp_get_num_threads());
+  } else {
+    run(0, 1);
   }
-  train_batch_ = training ? batch : 0;
+  if (training) input_ = in;
 }
 
+// The im2col columns are recomputed rather than kept from Forward: one sample's columns stay
+// in L2 (the whole batch's would not), and im2col costs little next to the products.
 void Conv2DLayer::Backward(const Tensor& grad_out, Tensor* grad_in) {
-  const int64_t batch = train_batch_;
-  const int64_t ld = batch * p_;
-  // dLoss/dY in the GEMM layout [oc, batch * p].
-  y_.Resize({oc_, ld});
-  {
-    float* y = y_.data();
-    const float* g = grad_out.data();
-#pragma omp parallel for collapse(2) schedule(static) num_threads(NumThreads())
-    for (int64_t n = 0; n < batch; ++n) {
-      for (int64_t oc = 0; oc < oc_; ++oc) {
-        std::memcpy(y + oc * ld + n * p_, g + (n * oc_ + oc) * p_, p_ * sizeof(float));
+  const int64_t batch = input_.batch();
+  const int workers = PrepareWorkers(batch);
+  const int64_t in_size = c_ * h_ * w_;
+  if (grad_in != nullptr) grad_in->Resize(input_.shape());
+  const int64_t params = param_count();
+  auto run = [&](int t, int nt) {
+    const int64_t n0 = batch * t / nt, n1 = batch * (t + 1) / nt;
+    Scratch& s = scratch_[static_cast<size_t>(t)];
+    s.cols.Resize({ckk_, p_});
+    // Worker 0 accumulates straight into the gradient buffer, the others into partials
+    // that are added in worker order afterwards (a fixed order for a given thread count).
+    float* dw = dw_ptr_;
+    if (t > 0) {
+      s.partial.resize(static_cast<size_t>(params));
+      dw = s.partial.data();
+    }
+    float* db = dw + oc_ * ckk_;
+    std::fill_n(dw, params, 0.0f);
+    ParamMap dw_map(dw, oc_, ckk_);
+    const ParamMap w(w_ptr_, oc_, ckk_);
+    for (int64_t n = n0; n < n1; ++n) {
+      Im2Col(input_.data() + n * in_size, s.cols.data());
+      const ConstMap g(grad_out.data() + n * oc_ * p_, oc_, p_);
+      // [oc, ckk] += [oc, p] * [p, ckk]
+      dw_map.noalias() += g * s.cols.matrix().transpose();
+      for (int64_t oc = 0; oc < oc_; ++oc) db[oc] += RowSum(g.data() + oc * p_, p_);
+      if (grad_in != nullptr) {
+        s.dcols.Resize({ckk_, p_});
+        // [ckk, p] = [ckk, oc] * [oc, p]
+        s.dcols.matrix().noalias() = w.transpose() * g;
+        Col2Im(s.dcols.data(), grad_in->data() + n * in_size);
       }
     }
-  }
-  for (int64_t oc = 0; oc < oc_; ++oc) db_ptr_[oc] = RowSum(y_.data() + oc * ld, ld);
-  // [oc, ckk] = [oc, batch * p] * [batch * p, ckk]
-  ParamMap(dw_ptr_, oc_, ckk_).noalias() = y_.matrix() * cols_.matrix().transpose();
-  if (grad_in == nullptr) return;
-
-  dcols_.Resize({ckk_, ld});
-  // [ckk, batch * p] = [ckk, oc] * [oc, batch * p]
-  dcols_.matrix().noalias() = ParamMap(w_ptr_, oc_, ckk_).transpose() * y_.matrix();
-  grad_in->Resize(Batched(batch, input_shape()));
-  const float* dcols = dcols_.data();
-  float* gi = grad_in->data();
-  // col2im: each (sample, channel) plane is summed by one thread in a fixed order, so the
-  // result does not depend on the thread count.
-#pragma omp parallel for collapse(2) schedule(static) num_threads(NumThreads())
-  for (int64_t n = 0; n < batch; ++n) {
-    for (int64_t c = 0; c < c_; ++c) {
-      float* plane = gi + (n * c_ + c) * h_ * w_;
-      std::fill_n(plane, h_ * w_, 0.0f);
-      for (int64_t ki = 0; ki < k_; ++ki) {
-        for (int64_t kj = 0; kj < k_; ++kj) {
-          const float* src = dcols + ((c * k_ + ki) * k_ + kj) * ld + n * p_;
-          const int64_t ow_lo = std::clamp<int64_t>(
-              (pad_ - kj + stride_ - 1) / stride_, 0, ow_);
-          const int64_t ow_hi = std::clamp<int64_t>(
-              (w_ + pad_ - kj + stride_ - 1) / stride_, ow_lo, ow_);
-          for (int64_t oh = 0; oh < oh_; ++oh, src += ow_) {
-            const int64_t ih = oh * stride_ - pad_ + ki;
-            if (ih < 0 || ih >= h_) continue;
-            float* row = plane + ih * w_;
-            const int64_t shift = kj - pad_;
-            if (stride_ == 1) {
-              for (int64_t ow = ow_lo; ow < ow_hi; ++ow) row[ow + shift] += src[ow];
-            } else {
-              for (int64_t ow = ow_lo; ow < ow_hi; ++ow) row[ow * stride_ + shift] += src[ow];
-            }
-          }
-        }
+  };
+  if (workers > 1) {
+#pragma omp parallel num_threads(workers)
+    {
+      run(omp_get_thread_num(), omp_get_num_threads());
+#pragma omp barrier
+      // Sum the partials into dw, splitting the parameters between the threads.
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      const int64_t i0 = params * t / nt, i1 = params * (t + 1) / nt;
+      for (int k = 1; k < nt; ++k) {
+        const float* src = scratch_[static_cast<size_t>(k)].partial.data();
+        for (int64_t i = i0; i < i1; ++i) dw_ptr_[i] += src[i];
       }
     }
+  } else {
+    run(0, 1);
   }
 }
 

@@ -93,8 +93,8 @@ class DenseLayer final : public Layer {
   Tensor input_;  // copy of the last training input, for dW
 };
 
-// 2-D convolution over NCHW with square kernels, stride and zero padding; im2col + one GEMM
-// per batch.
+// 2-D convolution over NCHW with square kernels, stride and zero padding: per sample, im2col
+// and one GEMM, samples spread over the worker threads.
 class Conv2DLayer final : public Layer {
  public:
   // input_shape = {in_channels, height, width}.
@@ -108,8 +108,16 @@ class Conv2DLayer final : public Layer {
   void Backward(const Tensor& grad_out, Tensor* grad_in) override;
 
  private:
-  // im2col of samples [n0, n0 + nb) of `in` into cols_: [ckk_, nb * p_] row-major.
-  void Im2Col(const float* in, int64_t n0, int64_t nb);
+  struct Scratch {
+    Tensor cols;                 // [ckk_, p_]: one sample's im2col columns
+    Tensor dcols;                // [ckk_, p_]: their gradient
+    std::vector<float> partial;  // a worker's share of dW and db
+  };
+  // One sample {c_, h_, w_} <-> its columns [ckk_, p_] (col2im overwrites `in`).
+  void Im2Col(const float* in, float* cols) const;
+  void Col2Im(const float* cols, float* in) const;
+  // Number of workers for a batch; sizes scratch_ for them.
+  int PrepareWorkers(int64_t batch);
 
   int64_t c_, h_, w_, oc_, k_, stride_, pad_, oh_, ow_;
   int64_t ckk_;  // c_ * k_ * k_: rows of a patch column
@@ -118,10 +126,8 @@ class Conv2DLayer final : public Layer {
   float* b_ptr_ = nullptr;  // [oc_]
   float* dw_ptr_ = nullptr;
   float* db_ptr_ = nullptr;
-  Tensor cols_;    // [ckk_, batch * p_]; after a training Forward, the whole batch's columns
-  Tensor y_;       // [oc_, batch * p_] GEMM output / dLoss/dOut in the same layout
-  Tensor dcols_;   // [ckk_, batch * p_]
-  int64_t train_batch_ = 0;
+  Tensor input_;                  // copy of the last training input
+  std::vector<Scratch> scratch_;  // one per worker thread
 };
 
 // Max pooling over NCHW, square window, no padding (a window that would hang over the edge is
