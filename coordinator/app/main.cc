@@ -1,0 +1,198 @@
+// fedslice-coordinator: runs federated training rounds for edge clients over mutual TLS.
+#include <spdlog/spdlog.h>
+
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/signal_set.hpp>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <thread>
+
+#include "cli.h"
+#include "fedslice/common/idx.h"
+#include "fedslice/common/model_io.h"
+#include "fedslice/common/model_zoo.h"
+#include "fedslice/common/threading.h"
+#include "fedslice/coordinator/coordinator_server.h"
+
+namespace {
+
+using fedslice::Status;
+namespace cli = fedslice::cli;
+namespace po = boost::program_options;
+
+constexpr const char* kCommand = "fedslice-coordinator";
+
+int Fail(const std::string& message, int code = cli::kExitFailure) {
+  std::cerr << kCommand << ": " << message << "\n";
+  return code;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  fedslice::coordinator::CoordinatorOptions options;
+  auto& fed = options.federation;
+  std::string config_file, model_name = "mlp", data_dir, strategy = "fedavg", codec = "fp32";
+  std::string out_dir, port_file, save_model, log_level = "info";
+  int round_deadline_ms = 300'000, threads = 0;
+  int heartbeat_ms = 10'000, idle_timeout_ms = 30'000, handshake_timeout_ms = 10'000;
+  size_t max_frame_bytes = options.tls.max_frame_bytes;
+  uint64_t seed = 1;
+  bool tls12 = false;
+  po::options_description opts;
+  opts.add_options()
+      ("config", po::value(&config_file),
+       "read options from this file (INI style: 'rounds = 10'); flags given on the command "
+       "line win")
+      ("bind", po::value(&options.server.bind_address)->default_value("127.0.0.1"),
+       "address to listen on (0.0.0.0 to accept clients from other hosts)")
+      ("port", po::value(&options.server.port)->default_value(7400), "port (0 = any free port)")
+      ("port-file", po::value(&port_file), "write the bound port here once listening")
+      ("ca", po::value(&options.tls.ca_file)->required(), "CA certificate (PEM) of the run")
+      ("cert", po::value(&options.tls.cert_file)->required(), "coordinator certificate (PEM)")
+      ("key", po::value(&options.tls.key_file)->required(), "coordinator private key (PEM)")
+      ("tls12", po::bool_switch(&tls12), "also accept TLS 1.2 (default: TLS 1.3 only)")
+      ("model", po::value(&model_name)->default_value("mlp"), "built-in model: mlp | cnn")
+      ("data", po::value(&data_dir),
+       "MNIST-layout directory whose test split evaluates the global model every round")
+      ("rounds", po::value(&fed.rounds)->default_value(10), "total federated rounds")
+      ("fraction", po::value(&fed.fraction)->default_value(0.1, "0.1"),
+       "C: fraction of registered clients asked per round")
+      ("min-fit", po::value(&fed.min_fit)->default_value(2), "results a round needs")
+      ("min-available", po::value(&options.min_available)->default_value(2),
+       "registered clients needed before a round starts")
+      ("epochs", po::value(&fed.local_epochs)->default_value(1), "E: local epochs per round")
+      ("batch", po::value(&fed.batch_size)->default_value(10), "B: local batch size")
+      ("lr", po::value(&fed.learning_rate)->default_value(0.05f, "0.05"), "client learning rate")
+      ("momentum", po::value(&fed.momentum)->default_value(0.0f, "0"), "client SGD momentum")
+      ("weight-decay", po::value(&fed.weight_decay)->default_value(0.0f, "0"),
+       "client weight decay")
+      ("strategy", po::value(&strategy)->default_value("fedavg"),
+       "fedavg | fedprox:mu=X | fedavgm:lr=X,momentum=Y | fedadam:lr=X,beta1=..,beta2=..,tau=..")
+      ("codec", po::value(&codec)->default_value("fp32"), "update codec clients use")
+      ("seed", po::value(&seed)->default_value(1), "run seed: model init, sampling, shuffling")
+      ("round-deadline-ms", po::value(&round_deadline_ms)->default_value(300'000),
+       "a round waits at most this long for results")
+      ("fed-eval-every", po::value(&options.federated_eval_every)->default_value(0),
+       "ask clients to evaluate the global model every N rounds (0 = never)")
+      ("out-dir", po::value(&out_dir),
+       "checkpoints and metrics.{csv,jsonl} go here; a restart on the same directory resumes")
+      ("save-model", po::value(&save_model), "write the final global model to this file")
+      ("heartbeat-ms", po::value(&heartbeat_ms)->default_value(10'000), "heartbeat interval")
+      ("idle-timeout-ms", po::value(&idle_timeout_ms)->default_value(30'000),
+       "drop a client silent for this long")
+      ("handshake-timeout-ms", po::value(&handshake_timeout_ms)->default_value(10'000),
+       "TLS handshake timeout")
+      ("max-frame-bytes", po::value(&max_frame_bytes)->default_value(max_frame_bytes),
+       "largest message accepted")
+      ("threads", po::value(&threads)->default_value(0), "evaluation threads (0 = all cores)")
+      ("log-level", po::value(&log_level)->default_value("info"),
+       "trace | debug | info | warn | error");
+  int exit_code = cli::kExitOk;
+  auto vm = cli::ParseOrExit(kCommand, "--ca ca.pem --cert coordinator.pem --key coordinator.key "
+                                       "[--model mlp] [--data DIR] [--rounds N] [options]",
+                             opts, argc, argv, &exit_code, nullptr, /*program=*/kCommand);
+  if (!vm) return exit_code;
+  if (!config_file.empty()) {
+    std::ifstream in(config_file);
+    if (!in) return Fail("cannot read config file " + config_file, cli::kExitUsage);
+    try {
+      po::options_description all;
+      all.add(opts);
+      po::store(po::parse_config_file(in, all), *vm);
+      po::notify(*vm);
+    } catch (const po::error& e) {
+      return Fail(config_file + ": " + e.what(), cli::kExitUsage);
+    }
+  }
+  auto level = spdlog::level::from_str(log_level);
+  if (level == spdlog::level::off && log_level != "off") {
+    return Fail("unknown --log-level '" + log_level + "'", cli::kExitUsage);
+  }
+  spdlog::set_level(level);
+  if (threads < 0) return Fail("--threads must be >= 0", cli::kExitUsage);
+  if (threads > 0) fedslice::SetNumThreads(threads);
+
+  auto strategy_config = fedslice::coordinator::StrategyConfig::Parse(strategy);
+  if (!strategy_config.ok()) return Fail(strategy_config.status().message(), cli::kExitUsage);
+  fed.strategy = *strategy_config;
+  fed.codec.set_name(codec);
+  fed.seed = seed;
+  fed.out_dir = out_dir;
+  fed.round_deadline = std::chrono::milliseconds(round_deadline_ms);
+  auto spec = fedslice::BuiltinSpec(model_name, seed);
+  if (!spec.ok()) return Fail(spec.status().message(), cli::kExitUsage);
+  fed.model = *spec;
+  if (Status valid = fed.Validate(); !valid.ok()) return Fail(valid.message(), cli::kExitUsage);
+  options.tls.allow_tls12 = tls12;
+  options.tls.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
+  options.tls.idle_timeout = std::chrono::milliseconds(idle_timeout_ms);
+  options.tls.handshake_timeout = std::chrono::milliseconds(handshake_timeout_ms);
+  options.tls.max_frame_bytes = max_frame_bytes;
+  if (Status valid = options.tls.Validate(); !valid.ok()) {
+    return Fail(valid.message(), cli::kExitUsage);
+  }
+
+  std::optional<fedslice::data::Dataset> test_set;
+  if (!data_dir.empty()) {
+    auto test = fedslice::data::LoadMnist(data_dir, fedslice::data::Split::kTest);
+    if (!test.ok()) return Fail(test.status().ToString());
+    test_set = std::move(test).value();
+  }
+
+  auto server = fedslice::coordinator::CoordinatorServer::Start(options, std::move(test_set));
+  if (!server.ok()) return Fail(server.status().ToString());
+  if (!port_file.empty()) {
+    // Written atomically so a watcher never reads a half-written port.
+    const std::string tmp = port_file + ".tmp";
+    std::ofstream(tmp) << (*server)->port() << "\n";
+    std::error_code ec;
+    std::filesystem::rename(tmp, port_file, ec);
+    if (ec) return Fail("cannot write --port-file " + port_file + ": " + ec.message());
+  }
+
+  // SIGINT / SIGTERM end the run cleanly: clients get Bye and the last completed round is
+  // already checkpointed.
+  boost::asio::io_context signal_io;
+  boost::asio::signal_set signals(signal_io, SIGINT, SIGTERM);
+  fedslice::coordinator::CoordinatorServer* raw = server->get();
+  signals.async_wait([raw](const boost::system::error_code& ec, int signal) {
+    if (ec) return;
+    spdlog::info("signal {}: stopping", signal);
+    raw->Stop();
+  });
+  std::thread signal_thread([&signal_io] { signal_io.run(); });
+
+  Status run = (*server)->Run();
+  signals.cancel();
+  signal_io.stop();
+  signal_thread.join();
+
+  if (run.ok() && !save_model.empty()) {
+    auto model = fedslice::Model::Create(fed.model);
+    const std::vector<float> weights = (*server)->GlobalWeights();
+    if (!model.ok() || !model->SetParams(weights).ok()) {
+      return Fail("cannot rebuild the final model");
+    }
+    if (Status saved = fedslice::SaveModel(*model, save_model,
+                                           {{"trained_by", "fedslice-coordinator"}});
+        !saved.ok()) {
+      return Fail(saved.ToString());
+    }
+    spdlog::info("saved the final model to {}", save_model);
+  }
+  const uint64_t completed = (*server)->completed_rounds();
+  server->reset();
+  if (!run.ok()) {
+    if (run.code() == Status::Code::kAborted) {
+      std::cerr << kCommand << ": stopped after round " << completed
+                << (out_dir.empty() ? "\n" : "; run again with the same --out-dir to resume\n");
+      return 130;
+    }
+    return Fail(run.ToString());
+  }
+  return cli::kExitOk;
+}
