@@ -350,11 +350,11 @@ struct CoordinatorServer::Impl {
       }
       const auto deadline = Clock::now() + options.federation.round_deadline;
       PumpUntil(deadline, [&] { return federation->PendingClients().empty(); });
+      if (stop_requested) break;
       for (const std::string& late : federation->PendingClients()) {
         spdlog::warn("round {}: {} missed the deadline", plan->round, late);
         federation->MarkDropped(late);
       }
-      if (stop_requested) break;
       auto metrics = federation->FinishRound(traffic);
       if (!metrics.ok()) {
         if (metrics.status().code() != Status::Code::kUnavailable) return metrics.status();
