@@ -1,0 +1,39 @@
+// What an edge device can do, measured once at client start-up and sent in Hello, so that the
+// coordinator (and the slicing planner) can tell a phone from a workstation.
+//
+// Thread-safety: free functions without shared state; MeasureGemmFlops uses the engine's
+// worker threads (see threading.h) and must not run concurrently with training.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "fedslice/common/status.h"
+#include "fedslice/wire.pb.h"
+
+namespace fedslice::client {
+
+// Sustained float ops/s of a dense fp32 matrix product (the kernel behind Dense layers) on the
+// engine's current worker threads, measured for about `budget` after one warm-up product.
+// Always > 0.
+double MeasureGemmFlops(std::chrono::milliseconds budget = std::chrono::milliseconds(150));
+
+// MemAvailable from /proc/meminfo, in bytes. kNotFound / kCorruption when the file is missing
+// or has no parseable MemAvailable line (non-Linux systems, restricted containers).
+Result<uint64_t> AvailableMemoryBytes(const std::string& meminfo_path = "/proc/meminfo");
+
+struct DeviceProfileOptions {
+  // What FedSlice may use; unset: the device's available memory (0 if it cannot be read).
+  std::optional<uint64_t> memory_budget_bytes;
+  // Emulation factor >= 1 for a client told to behave as a slower device (see EdgeClient).
+  double slowdown = 1.0;
+  std::string device_name;
+  std::chrono::milliseconds flops_budget{150};
+};
+
+// Measures FLOPS, reads the memory budget and records the engine's thread count.
+proto::DeviceProfile MeasureDeviceProfile(const DeviceProfileOptions& options);
+
+}  // namespace fedslice::client
