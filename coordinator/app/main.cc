@@ -1,4 +1,5 @@
 // fedslice-coordinator: runs federated training rounds for edge clients over mutual TLS.
+#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <boost/asio/io_context.hpp>
@@ -112,6 +113,8 @@ int main(int argc, char** argv) {
   if (level == spdlog::level::off && log_level != "off") {
     return Fail("unknown --log-level '" + log_level + "'", cli::kExitUsage);
   }
+  // Logs go to stderr so that stdout stays free for results.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("fedslice-coordinator"));
   spdlog::set_level(level);
   if (threads < 0) return Fail("--threads must be >= 0", cli::kExitUsage);
   if (threads > 0) fedslice::SetNumThreads(threads);
