@@ -25,9 +25,8 @@ using tcp = asio::ip::tcp;
 
 std::atomic<uint64_t> g_next_session_id{1};
 
-// Body buffers up to this size are kept between frames; larger ones are freed after use so
-// that an idle session with a model-sized frame behind it does not pin megabytes.
-constexpr size_t kKeptBodyCapacity = size_t{1} << 20;
+// Frame buffers kept per session for reuse by later sends.
+constexpr size_t kSpareFrames = 2;
 
 std::string Ms(std::chrono::milliseconds d) { return std::to_string(d.count()) + " ms"; }
 
@@ -63,16 +62,18 @@ SessionImpl::SessionImpl(tcp::socket socket, std::shared_ptr<asio::ssl::context>
       role_(Role::kServer),
       config_(config),
       ctx_(std::move(ctx)),
-      stream_(std::move(socket), *ctx_),
-      strand_(stream_.get_executor()),
+      socket_(std::move(socket)),
+      strand_(socket_.get_executor()),
+      tls_(socket_),
       read_timer_(strand_),
       write_timer_(strand_),
       heartbeat_timer_(strand_),
       close_timer_(strand_),
       handler_(std::move(handler)),
       owner_(std::move(owner)) {
+  init_status_ = tls_.Init(ctx_->native_handle());
   error_code ec;
-  const auto ep = stream_.lowest_layer().remote_endpoint(ec);
+  const auto ep = socket_.remote_endpoint(ec);
   remote_address_ = ec ? "?" : EndpointString(ep);
 }
 
@@ -82,13 +83,16 @@ SessionImpl::SessionImpl(asio::io_context& io, std::shared_ptr<asio::ssl::contex
       role_(Role::kClient),
       config_(config),
       ctx_(std::move(ctx)),
-      stream_(tcp::socket(asio::make_strand(io)), *ctx_),
-      strand_(stream_.get_executor()),
+      socket_(asio::make_strand(io)),
+      strand_(socket_.get_executor()),
+      tls_(socket_),
       read_timer_(strand_),
       write_timer_(strand_),
       heartbeat_timer_(strand_),
       close_timer_(strand_),
-      handler_(std::move(handler)) {}
+      handler_(std::move(handler)) {
+  init_status_ = tls_.Init(ctx_->native_handle());
+}
 
 SessionImpl::~SessionImpl() = default;
 
@@ -137,7 +141,6 @@ Status SessionImpl::Send(proto::Envelope envelope, SendCallback on_sent) {
 Status SessionImpl::Enqueue(proto::Envelope envelope, SendCallback on_sent, bool internal) {
   envelope.set_protocol_major(kProtocolMajor);
   envelope.set_protocol_minor(kProtocolMinor);
-  std::string frame;
   bool kick = false;
   {
     std::lock_guard<std::mutex> lock(send_mu_);
@@ -149,14 +152,42 @@ Status SessionImpl::Enqueue(proto::Envelope envelope, SendCallback on_sent, bool
     // bug is, instead of as an Error from the peer.
     Status valid = ValidateEnvelope(envelope);
     if (!valid.ok()) return valid.WithContext("refusing to send " + BodyName(envelope));
-    FEDSLICE_RETURN_IF_ERROR(EncodeFrame(envelope, config_.max_frame_bytes, &frame));
-    if (!queue_.empty() && queued_bytes_ + frame.size() > config_.max_send_queue_bytes) {
+    const size_t payload = envelope.ByteSizeLong();
+    if (payload > config_.max_frame_bytes) {
+      return Status::ResourceExhausted(BodyName(envelope) + " serializes to " +
+                                       std::to_string(payload) +
+                                       " bytes, above the frame limit of " +
+                                       std::to_string(config_.max_frame_bytes) + " bytes");
+    }
+    const size_t size = kFrameHeaderBytes + payload;
+    if (!queue_.empty() && queued_bytes_ + size > config_.max_send_queue_bytes) {
       return Status::ResourceExhausted(Describe() + ": send queue holds " +
                                        std::to_string(queued_bytes_) +
                                        " bytes; the peer is not keeping up");
     }
+    FrameBuffer frame;
+    for (auto it = spare_frames_.begin(); it != spare_frames_.end(); ++it) {
+      if (it->capacity >= size) {
+        frame = std::move(*it);
+        spare_frames_.erase(it);
+        break;
+      }
+    }
+    if (!frame.data) {
+      frame.data.reset(new (std::nothrow) uint8_t[size]);
+      if (!frame.data) {
+        return Status::ResourceExhausted("cannot allocate a frame of " + std::to_string(size) +
+                                         " bytes");
+      }
+      frame.capacity = size;
+    }
+    frame.size = size;
+    // Serialized straight into the frame: the payload is copied once, by Protobuf.
+    WriteFrameHeader(static_cast<uint32_t>(payload),
+                     std::span<uint8_t, kFrameHeaderBytes>(frame.data.get(), kFrameHeaderBytes));
+    envelope.SerializeWithCachedSizesToArray(frame.data.get() + kFrameHeaderBytes);
     ++next_seq_;
-    queued_bytes_ += frame.size();
+    queued_bytes_ += size;
     queue_.push_back(Outgoing{std::move(frame), std::move(on_sent)});
     kick = !writer_active_;
     writer_active_ = true;
@@ -174,10 +205,10 @@ void SessionImpl::WriteNext() {
     } else {
       current_ = std::move(queue_.front());
       queue_.pop_front();
-      queued_bytes_ -= current_.frame.size();
+      queued_bytes_ -= current_.frame.size;
     }
   }
-  if (current_.frame.empty()) {
+  if (!current_.frame.data) {
     if (state_ == State::kClosing) ContinueClose();
     return;
   }
@@ -186,14 +217,12 @@ void SessionImpl::WriteNext() {
   write_timer_.async_wait([self = shared_from_this(), gen](const error_code& ec) {
     if (ec || gen != self->write_gen_) return;
     self->Fail(Status::DeadlineExceeded("writing a frame of " +
-                                        std::to_string(self->current_.frame.size()) +
+                                        std::to_string(self->current_.frame.size) +
                                         " bytes took longer than " +
                                         Ms(self->config_.write_timeout)));
   });
-  asio::async_write(stream_, asio::buffer(current_.frame),
-                    [self = shared_from_this()](const error_code& ec, size_t) {
-                      self->OnWrite(ec);
-                    });
+  tls_.AsyncWrite(current_.frame.data.get(), current_.frame.size,
+                  [self = shared_from_this()](const error_code& ec) { self->OnWrite(ec); });
 }
 
 void SessionImpl::OnWrite(const error_code& ec) {
@@ -207,9 +236,13 @@ void SessionImpl::OnWrite(const error_code& ec) {
     Fail(error);
     return;
   }
-  bytes_sent_.fetch_add(done.frame.size(), std::memory_order_relaxed);
+  bytes_sent_.fetch_add(done.frame.size, std::memory_order_relaxed);
   frames_sent_.fetch_add(1, std::memory_order_relaxed);
   last_send_ = Clock::now();
+  if (done.frame.capacity <= config_.buffer_keep_bytes) {
+    std::lock_guard<std::mutex> lock(send_mu_);
+    if (spare_frames_.size() < kSpareFrames) spare_frames_.push_back(std::move(done.frame));
+  }
   if (done.on_sent) Guarded("send callback", [&] { done.on_sent(Status::Ok()); });
   WriteNext();
 }
@@ -247,10 +280,8 @@ void SessionImpl::StartRead() {
                                           Ms(config_.idle_timeout)),
                  /*graceful=*/true);
   }
-  asio::async_read(stream_, asio::buffer(header_),
-                   [self = shared_from_this()](const error_code& ec, size_t) {
-                     self->OnHeader(ec);
-                   });
+  tls_.AsyncRead(header_.data(), header_.size(),
+                 [self = shared_from_this()](const error_code& ec) { self->OnHeader(ec); });
 }
 
 void SessionImpl::OnHeader(const error_code& ec) {
@@ -289,10 +320,8 @@ void SessionImpl::OnHeader(const error_code& ec) {
                                         " bytes did not arrive within " +
                                         Ms(config_.read_timeout)),
                /*graceful=*/true);
-  asio::async_read(stream_, asio::buffer(body_.get(), body_size_),
-                   [self = shared_from_this()](const error_code& ec, size_t) {
-                     self->OnBody(ec);
-                   });
+  tls_.AsyncRead(body_.get(), body_size_,
+                 [self = shared_from_this()](const error_code& ec) { self->OnBody(ec); });
 }
 
 void SessionImpl::OnBody(const error_code& ec) {
@@ -316,7 +345,7 @@ void SessionImpl::OnBody(const error_code& ec) {
   } catch (const std::exception&) {
     parsed = false;
   }
-  if (body_capacity_ > kKeptBodyCapacity) {
+  if (body_capacity_ > config_.buffer_keep_bytes) {
     body_.reset();
     body_capacity_ = 0;
   }
@@ -349,13 +378,20 @@ void SessionImpl::OnBody(const error_code& ec) {
 }
 
 void SessionImpl::OnReadError(const error_code& ec) {
+  if (state_ == State::kClosed) return;
   if (state_ == State::kClosing) {
-    ContinueClose();  // our own cancel, or the peer closed while we were closing
+    // The peer's close_notify (eof) or a broken connection: nothing more will come.
+    peer_closed_ = true;
+    if (ec != asio::error::eof) {
+      Finish();
+      return;
+    }
+    ContinueClose();
     return;
   }
-  if (state_ == State::kClosed) return;
   if (ec == asio::error::eof && state_ == State::kOpen) {
     // The peer sent close_notify: answer with ours (nothing more to say, so no Bye).
+    peer_closed_ = true;
     BeginClose(bye_status_.value_or(Status::Unavailable("connection closed by the peer")),
                std::nullopt);
     return;
@@ -439,40 +475,58 @@ void SessionImpl::ResumeReading() {
 // ---------------------------------------------------------------------------------------------
 // Opening
 
-void SessionImpl::SetVerifyCallback() {
+namespace {
+int SessionExIndex() {
+  static const int index = SSL_get_ex_new_index(0, nullptr, nullptr, nullptr, nullptr);
+  return index;
+}
+}  // namespace
+
+int SessionImpl::VerifyTrampoline(int preverified, X509_STORE_CTX* store) {
+  SSL* ssl = static_cast<SSL*>(
+      X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx()));
+  auto* self = ssl ? static_cast<SessionImpl*>(SSL_get_ex_data(ssl, SessionExIndex())) : nullptr;
   // Runs inside the handshake, on the strand; remembers why verification failed so that the
   // log says "unable to get local issuer certificate", not just "handshake failed".
-  stream_.set_verify_callback([this](bool preverified, asio::ssl::verify_context& vctx) {
-    if (!preverified && verify_error_.empty()) {
-      X509_STORE_CTX* store = vctx.native_handle();
-      const int err = X509_STORE_CTX_get_error(store);
-      std::string subject = "?";
-      if (X509* cert = X509_STORE_CTX_get_current_cert(store)) {
-        char buf[256];
-        X509_NAME_oneline(X509_get_subject_name(cert), buf, sizeof(buf));
-        subject = buf;
-      }
-      verify_error_ = std::string(X509_verify_cert_error_string(err)) + " (certificate " +
-                      subject + ", depth " +
-                      std::to_string(X509_STORE_CTX_get_error_depth(store)) + ")";
+  if (self != nullptr && !preverified && self->verify_error_.empty()) {
+    const int err = X509_STORE_CTX_get_error(store);
+    std::string subject = "?";
+    if (X509* cert = X509_STORE_CTX_get_current_cert(store)) {
+      char buf[256];
+      X509_NAME_oneline(X509_get_subject_name(cert), buf, sizeof(buf));
+      subject = buf;
     }
-    return preverified;
-  });
+    self->verify_error_ = std::string(X509_verify_cert_error_string(err)) + " (certificate " +
+                          subject + ", depth " +
+                          std::to_string(X509_STORE_CTX_get_error_depth(store)) + ")";
+  }
+  return preverified;
+}
+
+void SessionImpl::SetVerifyCallback() {
+  SSL* ssl = tls_.ssl();
+  SSL_set_ex_data(ssl, SessionExIndex(), this);
+  SSL_set_verify(ssl, SSL_get_verify_mode(ssl), &SessionImpl::VerifyTrampoline);
 }
 
 void SessionImpl::StartServer() {
   asio::post(strand_, [self = shared_from_this()] {
     if (self->state_ != State::kIdle) return;
     self->state_ = State::kHandshaking;
+    if (!self->init_status_.ok()) {
+      self->Fail(self->init_status_);
+      return;
+    }
+    self->tls_.set_owner(self->weak_from_this());
     error_code ignored;
-    self->stream_.lowest_layer().set_option(tcp::no_delay(true), ignored);
+    self->socket_.set_option(tcp::no_delay(true), ignored);
     self->SetVerifyCallback();
     self->ArmReadTimer(self->config_.handshake_timeout,
                        Status::DeadlineExceeded("TLS handshake not completed within " +
                                                 Ms(self->config_.handshake_timeout)),
                        /*graceful=*/false);
-    self->stream_.async_handshake(asio::ssl::stream_base::server,
-                                  [self](const error_code& ec) { self->OnHandshake(ec); });
+    self->tls_.AsyncHandshake(/*server=*/true,
+                              [self](const error_code& ec) { self->OnHandshake(ec); });
   });
 }
 
@@ -484,9 +538,14 @@ void SessionImpl::StartClient(const std::string& host, uint16_t port,
   asio::post(strand_, [self = shared_from_this(), host, port] {
     if (self->state_ != State::kIdle) return;
     self->state_ = State::kConnecting;
+    if (!self->init_status_.ok()) {
+      self->Fail(self->init_status_);
+      return;
+    }
+    self->tls_.set_owner(self->weak_from_this());
     const std::string& name =
         self->connect_options_.server_name.empty() ? host : self->connect_options_.server_name;
-    SSL* ssl = self->stream_.native_handle();
+    SSL* ssl = self->tls_.ssl();
     X509_VERIFY_PARAM* param = SSL_get0_param(ssl);
     X509_VERIFY_PARAM_set_hostflags(param, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
     error_code not_ip;
@@ -515,7 +574,7 @@ void SessionImpl::StartClient(const std::string& host, uint16_t port,
             return;
           }
           asio::async_connect(
-              self->stream_.lowest_layer(), results,
+              self->socket_, results,
               [self](const error_code& ec, const tcp::endpoint& endpoint) {
                 if (self->state_ != State::kConnecting) return;
                 if (ec) {
@@ -525,7 +584,7 @@ void SessionImpl::StartClient(const std::string& host, uint16_t port,
                 }
                 self->remote_address_ = EndpointString(endpoint);
                 error_code ignored;
-                self->stream_.lowest_layer().set_option(tcp::no_delay(true), ignored);
+                self->socket_.set_option(tcp::no_delay(true), ignored);
                 self->state_ = State::kHandshaking;
                 self->ArmReadTimer(self->config_.handshake_timeout,
                                    Status::DeadlineExceeded(
@@ -533,9 +592,8 @@ void SessionImpl::StartClient(const std::string& host, uint16_t port,
                                        " not completed within " +
                                        Ms(self->config_.handshake_timeout)),
                                    /*graceful=*/false);
-                self->stream_.async_handshake(
-                    asio::ssl::stream_base::client,
-                    [self](const error_code& ec) { self->OnHandshake(ec); });
+                self->tls_.AsyncHandshake(
+                    /*server=*/false, [self](const error_code& ec) { self->OnHandshake(ec); });
               });
         });
   });
@@ -556,7 +614,7 @@ void SessionImpl::OnHandshake(const error_code& ec) {
     return;
   }
   handshake_ok_ = true;
-  SSL* ssl = stream_.native_handle();
+  SSL* ssl = tls_.ssl();
   tls_version_ = SSL_get_version(ssl);
   identity_ = IdentityOf(SSL_get0_peer_certificate(ssl));
   if (identity_.empty()) {
@@ -704,30 +762,52 @@ void SessionImpl::BeginClose(const Status& reason, std::optional<proto::ByeReaso
 }
 
 void SessionImpl::ContinueClose() {
-  if (state_ != State::kClosing || shutdown_started_) return;
+  if (state_ != State::kClosing) return;
   {
     std::lock_guard<std::mutex> lock(send_mu_);
     if (writer_active_) return;  // WriteNext calls back here once the queue is drained
   }
-  if (reading_) {
-    // The pending read must end before the TLS shutdown reads the peer's close_notify; the
-    // writer is idle, so cancel only aborts that read, whose handler calls back here.
-    error_code ignored;
-    stream_.lowest_layer().cancel(ignored);
-    return;
+  if (!close_notify_started_) {
+    close_notify_started_ = true;
+    // Waiting for the peer's close_notify (not just sending ours) drains what it still sends:
+    // closing a socket with unread data makes the kernel send a RST, which can destroy our
+    // last frames (the Error or Bye) before the peer reads them. A peer that never answers
+    // costs shutdown_timeout.
+    close_timer_.expires_after(config_.shutdown_timeout);
+    close_timer_.async_wait([self = shared_from_this()](const error_code& ec) {
+      if (ec || self->state_ == State::kClosed) return;
+      spdlog::debug("net: {}: no close_notify from the peer; closing the socket",
+                    self->Describe());
+      self->Finish();
+    });
+    tls_.AsyncCloseNotify([self = shared_from_this()](const error_code& ec) {
+      if (self->state_ == State::kClosed) return;
+      if (ec) {
+        self->Finish();  // cannot even say goodbye: the connection is gone
+        return;
+      }
+      self->close_notify_done_ = true;
+      self->MaybeFinishClose();
+    });
   }
-  shutdown_started_ = true;
-  // Waiting for the peer's close_notify (not just sending ours) drains what it still sends:
-  // closing a socket with unread data makes the kernel send a RST, which can destroy our
-  // last frames (the Error or Bye) before the peer reads them. A peer that never answers
-  // costs shutdown_timeout.
-  close_timer_.expires_after(config_.shutdown_timeout);
-  close_timer_.async_wait([self = shared_from_this()](const error_code& ec) {
-    if (ec || self->state_ == State::kClosed) return;
-    spdlog::debug("net: {}: no close_notify from the peer; closing the socket", self->Describe());
-    self->Finish();
-  });
-  stream_.async_shutdown([self = shared_from_this()](const error_code&) { self->Finish(); });
+  // A frame read still pending sees the peer's close_notify itself; otherwise drain.
+  if (!reading_ && !draining_ && !peer_closed_) {
+    draining_ = true;
+    tls_.AsyncDrain([self = shared_from_this()](const error_code& ec) {
+      if (self->state_ == State::kClosed) return;
+      if (ec) {
+        self->Finish();
+        return;
+      }
+      self->peer_closed_ = true;
+      self->MaybeFinishClose();
+    });
+  }
+  MaybeFinishClose();
+}
+
+void SessionImpl::MaybeFinishClose() {
+  if (state_ == State::kClosing && close_notify_done_ && peer_closed_) Finish();
 }
 
 void SessionImpl::Fail(const Status& reason) {
@@ -750,7 +830,7 @@ void SessionImpl::Finish() {
   close_timer_.cancel();
   if (resolver_) resolver_->cancel();
   error_code ignored;
-  stream_.lowest_layer().close(ignored);
+  socket_.close(ignored);
 
   std::deque<Outgoing> dropped;
   {

@@ -15,16 +15,17 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/ssl/context.hpp>
-#include <boost/asio/ssl/stream.hpp>
 #include <boost/asio/steady_timer.hpp>
 
 #include "fedslice/common/net/client.h"
 #include "fedslice/common/net/session.h"
 #include "fedslice/common/net/tls.h"
+#include "net/tls_channel.h"
 
 namespace fedslice::net::internal {
 
@@ -77,8 +78,15 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
 
  private:
   enum class State { kIdle, kConnecting, kHandshaking, kGreeting, kOpen, kClosing, kClosed };
+  // A frame's bytes. Not a std::string: resizing one zero-fills, a wasted pass over a
+  // model-sized buffer that is about to be overwritten.
+  struct FrameBuffer {
+    std::unique_ptr<uint8_t[]> data;
+    size_t size = 0;
+    size_t capacity = 0;
+  };
   struct Outgoing {
-    std::string frame;
+    FrameBuffer frame;
     SendCallback on_sent;
   };
   using Clock = std::chrono::steady_clock;
@@ -107,15 +115,20 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   template <typename F>
   void Guarded(const char* what, F&& fn);
   void ArmReadTimer(std::chrono::milliseconds timeout, Status on_expiry, bool graceful);
+  void MaybeFinishClose();
   void SetVerifyCallback();
+  // OpenSSL's verify callback; finds the session through the SSL object's ex data.
+  static int VerifyTrampoline(int preverified, X509_STORE_CTX* store);
   std::string Describe() const;
 
   const uint64_t id_;
   const Role role_;
   const TlsConfig config_;
   std::shared_ptr<boost::asio::ssl::context> ctx_;
-  boost::asio::ssl::stream<boost::asio::ip::tcp::socket> stream_;
+  boost::asio::ip::tcp::socket socket_;
   boost::asio::any_io_executor strand_;
+  TlsChannel tls_;
+  Status init_status_;
   boost::asio::steady_timer read_timer_;
   boost::asio::steady_timer write_timer_;
   boost::asio::steady_timer heartbeat_timer_;
@@ -139,7 +152,11 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   bool opened_ = false;
   bool reading_ = false;
   bool read_paused_ = false;
-  bool shutdown_started_ = false;
+  // Graceful close: our close_notify sent (or failed), and the peer's received (or failed).
+  bool close_notify_started_ = false;
+  bool close_notify_done_ = false;
+  bool draining_ = false;
+  bool peer_closed_ = false;
   std::string verify_error_;  // why certificate verification failed, if it did
   uint64_t read_gen_ = 0;     // generations make stale timer expiries harmless
   uint64_t write_gen_ = 0;
@@ -162,6 +179,9 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   bool writer_active_ = false;  // a WriteNext chain is scheduled or running
   bool send_closed_ = false;    // application Sends refused (closing)
   bool finished_ = false;       // nothing is sent any more
+  // Written frames kept for reuse, so that steady traffic (pipeline activations) neither
+  // allocates nor page-faults per frame. At most kSpareFrames of at most buffer_keep_bytes.
+  std::vector<FrameBuffer> spare_frames_;
 
   std::atomic<bool> open_{false};
   std::atomic<uint64_t> bytes_sent_{0}, bytes_received_{0}, frames_sent_{0},

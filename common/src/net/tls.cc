@@ -180,6 +180,12 @@ Result<std::shared_ptr<boost::asio::ssl::context>> MakeTlsContext(const TlsConfi
       SSL_CTX_set_cipher_list(native, "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL") != 1) {
     return Status::Internal("TLS: cannot set TLS 1.2 cipher list: " + OpenSslErrors());
   }
+  // AES-128-GCM first: as secure for our purpose and ~30% cheaper per byte than AES-256,
+  // which matters for model- and activation-sized frames.
+  if (SSL_CTX_set_ciphersuites(native, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:"
+                                       "TLS_CHACHA20_POLY1305_SHA256") != 1) {
+    return Status::Internal("TLS: cannot set TLS 1.3 cipher suites: " + OpenSslErrors());
+  }
   // Only the run's CA is trusted; the system store is never loaded.
   ctx->load_verify_file(config.ca_file, ec);
   if (ec) {
@@ -211,6 +217,7 @@ Result<std::shared_ptr<boost::asio::ssl::context>> MakeTlsContext(const TlsConfi
     if (STACK_OF(X509_NAME)* names = SSL_load_client_CA_file(config.ca_file.c_str())) {
       SSL_CTX_set_client_CA_list(native, names);
     }
+    SSL_CTX_set_options(native, SSL_OP_CIPHER_SERVER_PREFERENCE);
     // Sessions are long-lived and never resumed: no tickets, no cache.
     SSL_CTX_set_num_tickets(native, 0);
     SSL_CTX_set_session_cache_mode(native, SSL_SESS_CACHE_OFF);

@@ -42,6 +42,11 @@ struct TlsConfig {
   size_t max_frame_bytes = kDefaultMaxFrameBytes;
   // Frames still queued for sending beyond which Send() refuses more (backpressure).
   size_t max_send_queue_bytes = size_t{256} << 20;
+  // Frame buffers up to this size are kept by a session between frames (one for reading,
+  // two for writing) so that steady traffic such as pipeline activations neither allocates
+  // nor page-faults per frame; larger ones (whole models) are freed after use, so that many
+  // idle sessions do not pin model-sized buffers.
+  size_t buffer_keep_bytes = size_t{4} << 20;
   // Well-framed but invalid messages tolerated per session (each answered with an Error);
   // one more closes the session. Framing errors (bad magic, oversized length) close at once.
   int max_bad_messages = 4;
