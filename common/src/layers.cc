@@ -217,7 +217,11 @@ void Conv2DLayer::Col2Im(const float* cols, float* in) const {
 }
 
 int Conv2DLayer::PrepareWorkers(int64_t batch) {
-  const int workers = static_cast<int>(std::clamp<int64_t>(NumThreads(), 1, batch));
+  // Inside a parallel region (Model splits batches across threads) this layer runs on the
+  // calling thread, and so does Eigen: it sees the enclosing team and stays sequential with
+  // single-thread blocking, so results match a one-thread run exactly.
+  const int workers =
+      omp_in_parallel() ? 1 : static_cast<int>(std::clamp<int64_t>(NumThreads(), 1, batch));
   if (static_cast<int>(scratch_.size()) < workers) scratch_.resize(static_cast<size_t>(workers));
   return workers;
 }
@@ -380,15 +384,30 @@ ReluLayer::ReluLayer(const std::vector<int64_t>& input_shape)
 
 void ReluLayer::Forward(const Tensor& in, Tensor* out, bool training) {
   out->Resize(in.shape());
-  out->matrix().array() = in.matrix().array().cwiseMax(0.0f);
-  if (training) output_ = *out;
+  const int64_t n = in.size();
+  const float* x = in.data();
+  float* y = out->data();
+  if (training) {
+    // A byte mask rather than a copy of the output: a quarter of the memory traffic.
+    mask_.resize(static_cast<size_t>(n));
+    uint8_t* m = mask_.data();
+    for (int64_t i = 0; i < n; ++i) {
+      m[i] = x[i] > 0.0f;
+      y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) y[i] = x[i] > 0.0f ? x[i] : 0.0f;
+  }
 }
 
 void ReluLayer::Backward(const Tensor& grad_out, Tensor* grad_in) {
   if (grad_in == nullptr) return;
   grad_in->Resize(grad_out.shape());
-  grad_in->matrix().array() =
-      (output_.matrix().array() > 0.0f).select(grad_out.matrix().array(), 0.0f);
+  const int64_t n = grad_out.size();
+  const float* g = grad_out.data();
+  const uint8_t* m = mask_.data();
+  float* d = grad_in->data();
+  for (int64_t i = 0; i < n; ++i) d[i] = m[i] ? g[i] : 0.0f;
 }
 
 // -------------------------------------------------------------------------------- Flatten

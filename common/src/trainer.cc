@@ -135,7 +135,7 @@ Result<TrainStats> Train(Model& model, const data::Dataset& data, const TrainCon
     for (size_t first = 0; first < order.size(); first += config.batch_size) {
       const size_t count = std::min<size_t>(config.batch_size, order.size() - first);
       Gather(data, std::span<const int64_t>(order).subspan(first, count), &batch, &labels);
-      Result<float> loss = model.ComputeGradients(batch, labels);
+      Result<float> loss = model.TrainStep(batch, labels, optimizer, prox_anchor);
       if (!loss.ok()) return loss.status().WithContext("training step");
       if (!std::isfinite(*loss)) {
         std::copy(initial.begin(), initial.end(), model.params().begin());
@@ -144,7 +144,6 @@ Result<TrainStats> Train(Model& model, const data::Dataset& data, const TrainCon
                                " in epoch " + std::to_string(epoch) +
                                "; weights restored (try a lower learning rate)");
       }
-      FEDSLICE_RETURN_IF_ERROR(optimizer.Step(model.params(), model.grads(), prox_anchor));
       loss_sum += static_cast<double>(*loss) * static_cast<double>(count);
       ++stats.steps;
     }

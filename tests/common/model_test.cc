@@ -8,6 +8,7 @@
 
 #include "fedslice/common/model_io.h"
 #include "fedslice/common/model_zoo.h"
+#include "fedslice/common/threading.h"
 
 namespace fedslice {
 namespace {
@@ -269,6 +270,66 @@ TEST(ModelTest, CopiesAreDeepAndMovesKeepBuffers) {
 
   std::vector<float> wrong(10);
   EXPECT_FALSE(moved.SetParams(wrong).ok());
+}
+
+// TrainStep fuses the gradient reduction and the SGD update; it must match the unfused
+// ComputeGradients + Sgd::Step bit for bit.
+TEST(ModelTest, TrainStepEqualsComputeGradientsThenStep) {
+  for (const proto::ModelSpec& spec : {MlpSpec(), CnnSpec()}) {
+    for (int batch : {1, 10, 64}) {
+      Model fused = MustCreate(spec);
+      Model unfused = fused;
+      const Tensor x = RandomInput(batch, fused.InputShape(0), 30 + batch);
+      std::vector<int32_t> labels(batch);
+      for (int i = 0; i < batch; ++i) labels[i] = (i * 7) % 10;
+      const SgdOptions options{.lr = 0.05f, .momentum = 0.9f, .weight_decay = 1e-3f};
+      Sgd a(options), b(options);
+      for (int step = 0; step < 2; ++step) {
+        Result<float> fused_loss = fused.TrainStep(x, labels, a);
+        Result<float> loss = unfused.ComputeGradients(x, labels);
+        ASSERT_TRUE(fused_loss.ok() && loss.ok());
+        EXPECT_EQ(*fused_loss, *loss);
+        ASSERT_TRUE(b.Step(unfused.params(), unfused.grads()).ok());
+        ASSERT_TRUE(std::equal(fused.params().begin(), fused.params().end(),
+                               unfused.params().begin()))
+            << spec.name() << " batch " << batch << " step " << step;
+        EXPECT_TRUE(std::equal(fused.grads().begin(), fused.grads().end(),
+                               unfused.grads().begin()));
+      }
+    }
+  }
+}
+
+TEST(ModelTest, TrainStepRejectsBadLabelsAndAnchorsWithoutChangingWeights) {
+  Model mlp = MustCreate(MlpSpec());
+  const std::vector<float> before(mlp.params().begin(), mlp.params().end());
+  const Tensor x = RandomInput(2, mlp.InputShape(0), 1);
+  Sgd sgd({.lr = 0.1f});
+  EXPECT_THAT(mlp.TrainStep(x, std::vector<int32_t>{1, 10}, sgd).status().message(),
+              HasSubstr("label 10 of sample 1"));
+  EXPECT_THAT(mlp.TrainStep(x, std::vector<int32_t>{1}, sgd).status().message(),
+              HasSubstr("1 labels for a batch of 2"));
+  Sgd prox({.lr = 0.1f, .prox_mu = 0.1f});
+  EXPECT_THAT(mlp.TrainStep(x, std::vector<int32_t>{1, 2}, prox).status().message(),
+              HasSubstr("FedProx needs an anchor"));
+  EXPECT_TRUE(std::equal(before.begin(), before.end(), mlp.params().begin()));
+}
+
+// Inference splits a batch across worker threads; per sample, the arithmetic is the same as
+// on one thread.
+TEST(ModelTest, ForwardDoesNotDependOnTheThreadCount) {
+  for (const proto::ModelSpec& spec : {MlpSpec(), CnnSpec()}) {
+    Model model = MustCreate(spec);
+    const Tensor x = RandomInput(5, model.InputShape(0), 40);
+    Tensor one, two;
+    SetNumThreads(1);
+    ASSERT_TRUE(model.Forward(x, &one).ok());
+    SetNumThreads(2);
+    ASSERT_TRUE(model.Forward(x, &two).ok());
+    SetNumThreads(0);
+    EXPECT_TRUE(std::equal(one.span().begin(), one.span().end(), two.span().begin()))
+        << spec.name();
+  }
 }
 
 }  // namespace

@@ -153,7 +153,7 @@ class ReluLayer final : public Layer {
   void Backward(const Tensor& grad_out, Tensor* grad_in) override;
 
  private:
-  Tensor output_;  // last training output: the gradient passes where it is > 0
+  std::vector<uint8_t> mask_;  // last training input > 0: where the gradient passes
 };
 
 // Reshapes [batch, ...] to [batch, prod(...)].

@@ -13,6 +13,12 @@
 // Ownership and lifetime: a Model owns its layers and buffers. Moving is cheap and keeps
 // the spans' data pointers valid (they now belong to the moved-to model); copying is deep.
 //
+// Threads: Forward, ComputeGradients and TrainStep split a batch across the engine's worker
+// threads (threading.h); the range calls TrainForward/Backward parallelise inside layers.
+// For a given thread count every call is deterministic. Forward's results do not depend on
+// the thread count for batches of NumThreads()..64 samples (smaller batches may run one
+// product on several threads, which rounds differently).
+//
 // Thread-safety: none. Even the const Forward() uses per-model scratch buffers, so one Model
 // must not be used from two threads at once; give each thread its own copy. Distinct Model
 // objects are independent.
@@ -25,6 +31,7 @@
 #include <vector>
 
 #include "fedslice/common/layers.h"
+#include "fedslice/common/optimizer.h"
 #include "fedslice/common/status.h"
 #include "fedslice/common/tensor.h"
 #include "fedslice/model.pb.h"
@@ -52,8 +59,8 @@ class Model {
   ~Model();
 
   const proto::ModelSpec& spec() const { return spec_; }
-  int num_layers() const { return static_cast<int>(layers_.size()); }
-  const Layer& layer(int i) const { return *layers_[static_cast<size_t>(i)]; }
+  int num_layers() const { return shapes_.empty() ? 0 : static_cast<int>(shapes_.size()) - 1; }
+  const Layer& layer(int i) const { return *workers_[0].layers[static_cast<size_t>(i)]; }
   int num_classes() const { return spec_.num_classes(); }
   // Sample shape (batch excluded) that layer i takes; i == num_layers() gives the model's
   // output shape, {num_classes}.
@@ -89,32 +96,64 @@ class Model {
   // between also invalidates it).
   Status Backward(int begin, int end, const Tensor& grad_out, Tensor* grad_in);
 
-  // One full training pass: TrainForward over all layers, softmax cross-entropy against
-  // `labels`, Backward into grads() (no input gradient). Returns the batch's mean loss.
+  // One full training pass: forward over all layers, softmax cross-entropy against
+  // `labels`, backward into grads() (no input gradient). Returns the batch's mean loss.
+  // The batch is split across the worker threads (threading.h): each runs the whole network
+  // on its rows, and their gradients are summed in worker order, so the result is
+  // deterministic for a given thread count. Afterwards Backward() needs a new TrainForward.
   Result<float> ComputeGradients(const Tensor& in, std::span<const int32_t> labels);
 
+  // ComputeGradients followed by optimizer.Step(params(), grads(), prox_anchor), with the
+  // gradient reduction and the update fused into one pass over the parameters. On error
+  // (bad input, labels or anchor) the parameters are unchanged.
+  Result<float> TrainStep(const Tensor& in, std::span<const int32_t> labels, Sgd& optimizer,
+                          std::span<const float> prox_anchor = {});
+
  private:
+  using FloatBuffer = std::vector<float, Eigen::aligned_allocator<float>>;
+  // One set of layers with its own activations and scratch. Worker 0's layers are the
+  // model's layers (layer(), the range calls) and write grads_; the others exist only while
+  // a batch is split across threads and write their own gradient buffers.
+  struct Worker {
+    std::vector<std::unique_ptr<Layer>> layers;
+    FloatBuffer grads;  // workers >= 1 only
+    std::vector<Tensor> acts;
+    Tensor input, grad_logits, grad_a, grad_b;
+    double loss_sum = 0.0;
+  };
+
   Model() = default;
-  // Builds layers_ / shapes_ / offsets_ from spec_ and binds them to params_/grads_.
+  // Builds worker 0 / shapes_ / offsets_ from spec_ and binds it to params_/grads_.
   Status Build();
   Status CheckRange(int begin, int end) const;
   Status CheckInput(int layer, const Tensor& in, std::string_view what) const;
+  // Makes sure workers [0, n) exist (creating layer replicas bound to params_).
+  void EnsureWorkers(int n) const;
   void Rebind();
+  // Layers [begin, end) of worker w over `in` (training or not); returns the last output.
+  const Tensor& RunForward(Worker& w, int begin, int end, const Tensor& in, bool training) const;
+  // Backward over worker w's layers from the loss down to the first layer with parameters.
+  void RunBackward(Worker& w, const Tensor& grad_logits) const;
+  // The shared body of ComputeGradients and TrainStep (optimizer may be null).
+  Result<float> RunTrainStep(const Tensor& in, std::span<const int32_t> labels, Sgd* optimizer,
+                             std::span<const float> prox_anchor);
+  std::vector<std::unique_ptr<Layer>>& layers() const { return workers_[0].layers; }
 
   proto::ModelSpec spec_;
-  std::vector<std::unique_ptr<Layer>> layers_;
   std::vector<std::vector<int64_t>> shapes_;  // num_layers() + 1 sample shapes
   std::vector<int64_t> offsets_;              // num_layers() + 1 offsets into params_
+  int first_param_layer_ = 0;                 // first layer with parameters (or num_layers())
+  double forward_flops_ = 0;                  // per sample, approximately
   // 64-byte aligned, so that every layer's weights have the same alignment in every Model
   // instance: some Eigen kernels pick code paths (and so rounding) by address.
-  std::vector<float, Eigen::aligned_allocator<float>> params_;
-  std::vector<float, Eigen::aligned_allocator<float>> grads_;
-  // Scratch for Forward: layer i writes acts_[i]. Mutable because inference is const for
-  // callers but reuses these buffers (hence no thread-safety, see above).
-  mutable std::vector<Tensor> acts_;
+  FloatBuffer params_;
+  FloatBuffer grads_;
+  // Layers and scratch. Mutable because inference is const for callers but reuses these
+  // buffers (hence no thread-safety, see above).
+  mutable std::vector<Worker> workers_;
   // Per layer: the batch size of its last TrainForward, 0 after an inference Forward.
   mutable std::vector<int64_t> train_batch_;
-  Tensor grad_a_, grad_b_, logits_, grad_logits_;
+  Tensor logits_;
 };
 
 }  // namespace fedslice

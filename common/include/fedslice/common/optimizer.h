@@ -37,6 +37,15 @@ class Sgd {
   Status Step(std::span<float> params, std::span<const float> grads,
               std::span<const float> prox_anchor = {});
 
+  // The two halves of Step() for callers that split one step across threads
+  // (Model::TrainStep). PrepareStep checks sizes like Step() and sizes the momentum state;
+  // StepRange then updates params[begin, end) from the sum of `num_grads` gradient buffers
+  // (added in order), writing that sum to grad_sum when not null (may alias grads[0]).
+  // prox_anchor may be null when prox_mu == 0. Disjoint ranges may run concurrently.
+  Status PrepareStep(size_t param_count, size_t grad_count, size_t anchor_count);
+  void StepRange(float* params, const float* const* grads, int num_grads, float* grad_sum,
+                 const float* prox_anchor, int64_t begin, int64_t end);
+
   const SgdOptions& options() const { return options_; }
   void set_lr(float lr) { options_.lr = lr; }
 

@@ -1,6 +1,12 @@
-// Worker threads of the model engine. The engine parallelises inside each layer (OpenMP
-// loops over samples and channels, Eigen's OpenMP-parallel matrix products); these calls set
-// how many threads those use, process-wide.
+// Worker threads of the model engine, process-wide. The engine uses OpenMP: a batch is split
+// across the threads when there is enough work per parameter to pay for it (Model), large
+// layers split their outputs or samples across threads otherwise, and Eigen's products use
+// the same count.
+//
+// Several trainings at once (e.g. simulated clients on threads of one process, or several
+// client processes on one machine) must share the cores: give each 1 thread, or split the
+// cores between them. OpenMP teams that oversubscribe the cores spend their time waiting
+// for descheduled team members, and run many times slower than one thread.
 #pragma once
 
 namespace fedslice {
@@ -12,5 +18,6 @@ void SetNumThreads(int n);
 
 // The number of worker threads the engine currently uses (>= 1).
 int NumThreads();
+
 
 }  // namespace fedslice
