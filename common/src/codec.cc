@@ -1,0 +1,822 @@
+#include "fedslice/common/codec.h"
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <bit>
+#include <charconv>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <limits>
+#include <string>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+#include "fedslice/common/net/encoded_tensor.h"
+
+namespace fedslice::codec {
+namespace {
+
+// The layouts are little-endian and written with memcpy; every platform FedSlice targets
+// (x86-64, AArch64) is little-endian, so no byte swapping is compiled in.
+static_assert(std::endian::native == std::endian::little,
+              "the codec byte layouts assume a little-endian host");
+static_assert(sizeof(float) == 4 && std::numeric_limits<float>::is_iec559);
+
+constexpr std::string_view kValidNames =
+    "fp32, fp16, int8, int4, qsgd:<levels 1..32767>, sign, topk:<fraction in (0,1]>";
+
+using ConstArrayMap = Eigen::Map<const Eigen::ArrayXf>;
+
+uint32_t Bits(float x) { return std::bit_cast<uint32_t>(x); }
+
+float LoadF32(const char* p) {
+  float v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+void StoreF32(char* p, float v) { std::memcpy(p, &v, 4); }
+uint32_t LoadU32(const char* p) {
+  uint32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
+void StoreU32(char* p, uint32_t v) { std::memcpy(p, &v, 4); }
+
+bool IsFinite(float x) { return (Bits(x) & 0x7f800000u) != 0x7f800000u; }
+
+// Largest |x| bit pattern in `values` (a branch-free integer max the compiler vectorises).
+// Non-finite values exist iff the result is >= 0x7f800000; otherwise bit_cast<float>(result)
+// is max |x|.
+uint32_t MaxAbsBits(const float* values, size_t n) {
+  uint32_t m = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t b;
+    std::memcpy(&b, values + i, 4);
+    b &= 0x7fffffffu;
+    m = b > m ? b : m;
+  }
+  return m;
+}
+
+Status CheckEncodable(std::span<const float> values) {
+  if (values.size() > net::kMaxTensorValues) {
+    return Status::InvalidArgument("cannot encode " + std::to_string(values.size()) +
+                                   " values, limit " + std::to_string(net::kMaxTensorValues));
+  }
+  if (MaxAbsBits(values.data(), values.size()) >= 0x7f800000u) {
+    const size_t bad = net::FindNonFinite(values);
+    return Status::InvalidArgument("cannot encode a non-finite value (" +
+                                   std::to_string(values[bad]) + " at index " +
+                                   std::to_string(bad) + ")");
+  }
+  return Status::Ok();
+}
+
+uint64_t NumBlocks(uint64_t n, uint64_t block) { return block == 0 ? 0 : (n + block - 1) / block; }
+
+uint32_t QsgdWidth(uint32_t levels) { return static_cast<uint32_t>(std::bit_width(levels)) + 1; }
+
+// ---------------------------------------------------------------------------------------------
+// fp16 (IEEE binary16), round to nearest even, saturating.
+
+constexpr float kHalfMax = 65504.0f;
+
+// F. Giesen's float_to_half_fast3_rtne for finite inputs, saturating instead of overflowing.
+uint16_t FloatToHalf(float f) {
+  uint32_t x = Bits(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7fffffffu;
+  uint32_t h;
+  if (x >= 0x47800000u) {  // >= 65536: beyond the largest half
+    h = 0x7bffu;
+  } else if (x < 0x38800000u) {  // below 2^-14: subnormal half or zero
+    const float denorm_magic = std::bit_cast<float>(uint32_t{((127 - 15) + (23 - 10) + 1) << 23});
+    h = Bits(std::bit_cast<float>(x) + denorm_magic) - Bits(denorm_magic);
+  } else {
+    const uint32_t mant_odd = (x >> 13) & 1u;
+    x += (uint32_t{15} - 127) * (uint32_t{1} << 23) + 0xfffu;
+    x += mant_odd;
+    h = x >> 13;
+    if (h >= 0x7c00u) h = 0x7bffu;  // rounded up past 65504
+  }
+  return static_cast<uint16_t>(h | sign);
+}
+
+// For halves whose exponent is not 31 (checked by the caller).
+float HalfToFloat(uint16_t h) {
+  const float magic = std::bit_cast<float>(uint32_t{113} << 23);
+  uint32_t o = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  const uint32_t exp = o & (0x7c00u << 13);
+  o += (uint32_t{127} - 15) << 23;
+  if (exp == 0) {  // zero or subnormal: renormalise through a float subtraction
+    o += uint32_t{1} << 23;
+    o = Bits(std::bit_cast<float>(o) - magic);
+  }
+  return std::bit_cast<float>(o | (static_cast<uint32_t>(h & 0x8000u) << 16));
+}
+
+void EncodeFp16(std::span<const float> v, char* out) {
+  size_t i = 0;
+#if defined(__F16C__)
+  const __m256 hi = _mm256_set1_ps(kHalfMax);
+  const __m256 lo = _mm256_set1_ps(-kHalfMax);
+  for (; i + 8 <= v.size(); i += 8) {
+    __m256 x = _mm256_loadu_ps(v.data() + i);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + 2 * i),
+                     _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+#endif
+  for (; i < v.size(); ++i) {
+    const uint16_t h = FloatToHalf(v[i]);
+    std::memcpy(out + 2 * i, &h, 2);
+  }
+}
+
+Status DecodeFp16(const char* in, std::span<float> out) {
+  const size_t n = out.size();
+  uint32_t bad = 0;
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, in + 2 * i, 2);
+    bad |= static_cast<uint32_t>((h & 0x7c00u) == 0x7c00u);
+  }
+  if (bad != 0) {
+    for (size_t i = 0; i < n; ++i) {
+      uint16_t h;
+      std::memcpy(&h, in + 2 * i, 2);
+      if ((h & 0x7c00u) == 0x7c00u) {
+        return Status::InvalidArgument("fp16 tensor holds a non-finite value at index " +
+                                       std::to_string(i));
+      }
+    }
+  }
+  size_t i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + 2 * i));
+    _mm256_storeu_ps(out.data() + i, _mm256_cvtph_ps(h));
+  }
+#endif
+  for (; i < n; ++i) {
+    uint16_t h;
+    std::memcpy(&h, in + 2 * i, 2);
+    out[i] = HalfToFloat(h);
+  }
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// int8 / int4: per block {min, scale}, codes q in [0, levels - 1].
+
+// Quantises one block to codes (one per byte). Returns {min, scale}.
+template <int kLevels>
+std::pair<float, float> QuantizeBlock(const float* p, size_t len, uint8_t* q) {
+  const ConstArrayMap block(p, static_cast<Eigen::Index>(len));
+  const float lo = block.minCoeff();
+  const float hi = block.maxCoeff();
+  // The range in double: hi - lo overflows float for blocks spanning +-3e38.
+  const double range = static_cast<double>(hi) - static_cast<double>(lo);
+  float scale = static_cast<float>(range / (kLevels - 1));
+  if (!(scale >= std::numeric_limits<float>::min())) {
+    // Zero range, or one so small that 1/scale would overflow: every value decodes to min
+    // (error below (levels - 1) * FLT_MIN).
+    std::memset(q, 0, len);
+    return {lo, 0.0f};
+  }
+  // Halving both operands keeps x - min finite for any finite x, min; the factor 2 is folded
+  // into the inverse scale (exact except for subnormals, far below scale / 2).
+  const float inv2 = static_cast<float>(2.0 * (kLevels - 1) / range);
+  const float half_lo = lo * 0.5f;
+  for (size_t i = 0; i < len; ++i) {
+    float v = (p[i] * 0.5f - half_lo) * inv2;
+    v = v < 0.0f ? 0.0f : v;
+    v = v > float{kLevels - 1} ? float{kLevels - 1} : v;
+    q[i] = static_cast<uint8_t>(static_cast<int>(v + 0.5f));
+  }
+  return {lo, scale};
+}
+
+// Writes nb headers and the codes (one byte per value) for the whole vector.
+template <int kLevels>
+void QuantizeAll(std::span<const float> v, uint32_t block, char* headers, uint8_t* codes) {
+  const size_t n = v.size();
+  for (size_t b = 0, start = 0; start < n; ++b, start += block) {
+    const size_t len = std::min<size_t>(block, n - start);
+    const auto [lo, scale] = QuantizeBlock<kLevels>(v.data() + start, len, codes + start);
+    StoreF32(headers + 8 * b, lo);
+    StoreF32(headers + 8 * b + 4, scale);
+  }
+}
+
+// Checks the {min, scale} headers: finite, scale >= 0, and min + (levels - 1) * scale finite.
+// Decoded values lie between min and that endpoint (rounding is monotone), so all are finite.
+Status CheckAffineHeaders(std::string_view codec, const char* headers, uint64_t nb, int levels) {
+  for (uint64_t b = 0; b < nb; ++b) {
+    const float lo = LoadF32(headers + 8 * b);
+    const float scale = LoadF32(headers + 8 * b + 4);
+    if (!IsFinite(lo) || !IsFinite(scale) || !(scale >= 0.0f) ||
+        !IsFinite(lo + scale * static_cast<float>(levels - 1))) {
+      return Status::InvalidArgument(std::string(codec) + " tensor block " + std::to_string(b) +
+                                     " has an invalid min/scale (" + std::to_string(lo) + ", " +
+                                     std::to_string(scale) + ")");
+    }
+  }
+  return Status::Ok();
+}
+
+void DequantizeInt8(const char* headers, const uint8_t* codes, uint32_t block,
+                    std::span<float> out) {
+  const size_t n = out.size();
+  for (size_t b = 0, start = 0; start < n; ++b, start += block) {
+    const size_t len = std::min<size_t>(block, n - start);
+    const float lo = LoadF32(headers + 8 * b);
+    const float scale = LoadF32(headers + 8 * b + 4);
+    const uint8_t* q = codes + start;
+    float* o = out.data() + start;
+    for (size_t i = 0; i < len; ++i) o[i] = lo + scale * static_cast<float>(q[i]);
+  }
+}
+
+void DequantizeInt4(const char* headers, const uint8_t* packed, uint32_t block,
+                    std::span<float> out) {
+  const size_t n = out.size();
+  for (size_t b = 0, start = 0; start < n; ++b, start += block) {
+    const size_t len = std::min<size_t>(block, n - start);
+    const float lo = LoadF32(headers + 8 * b);
+    const float scale = LoadF32(headers + 8 * b + 4);
+    float* o = out.data() + start;
+    for (size_t i = 0; i < len; ++i) {
+      const size_t g = start + i;
+      const unsigned q = (packed[g >> 1] >> ((g & 1) * 4)) & 0xfu;
+      o[i] = lo + scale * static_cast<float>(q);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// sign
+
+void EncodeSign(std::span<const float> v, uint32_t block, char* headers, uint8_t* bits) {
+  const size_t n = v.size();
+  for (size_t b = 0, start = 0; start < n; ++b, start += block) {
+    const size_t len = std::min<size_t>(block, n - start);
+    // Mean |x| in double: the float sum of a block of huge values could overflow.
+    const double sum = ConstArrayMap(v.data() + start, static_cast<Eigen::Index>(len))
+                           .cast<double>()
+                           .abs()
+                           .sum();
+    StoreF32(headers + 4 * b, static_cast<float>(sum / static_cast<double>(len)));
+  }
+  const size_t full = n / 8;
+  for (size_t j = 0; j < full; ++j) {
+    const float* p = v.data() + 8 * j;
+    unsigned byte = 0;
+    for (int t = 0; t < 8; ++t) byte |= static_cast<unsigned>(p[t] < 0.0f) << t;
+    bits[j] = static_cast<uint8_t>(byte);
+  }
+  if (n % 8 != 0) {
+    unsigned byte = 0;
+    for (size_t t = 0; t < n % 8; ++t) byte |= static_cast<unsigned>(v[8 * full + t] < 0.0f) << t;
+    bits[full] = static_cast<uint8_t>(byte);
+  }
+}
+
+void DecodeSign(const char* headers, const uint8_t* bits, uint32_t block, std::span<float> out) {
+  const size_t n = out.size();
+  for (size_t b = 0, start = 0; start < n; ++b, start += block) {
+    const size_t len = std::min<size_t>(block, n - start);
+    const float s = LoadF32(headers + 4 * b);
+    float* o = out.data() + start;
+    for (size_t i = 0; i < len; ++i) {
+      const size_t g = start + i;
+      o[i] = ((bits[g >> 3] >> (g & 7)) & 1u) ? -s : s;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// qsgd
+
+// splitmix64 finaliser of (seed, index): a counter-based generator, so that the random number
+// used for value i does not depend on how the vector is split into blocks or threads.
+uint64_t Mix(uint64_t seed, uint64_t i) {
+  uint64_t z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+// Appends `width`-bit codes LSB-first to a byte stream.
+class BitWriter {
+ public:
+  explicit BitWriter(uint8_t* out) : out_(out) {}
+  void Put(uint32_t code, uint32_t width) {
+    acc_ |= static_cast<uint64_t>(code) << used_;
+    used_ += width;
+    while (used_ >= 8) {
+      *out_++ = static_cast<uint8_t>(acc_);
+      acc_ >>= 8;
+      used_ -= 8;
+    }
+  }
+  void Flush() {
+    if (used_ > 0) *out_++ = static_cast<uint8_t>(acc_);
+    acc_ = 0;
+    used_ = 0;
+  }
+
+ private:
+  uint8_t* out_;
+  uint64_t acc_ = 0;
+  uint32_t used_ = 0;
+};
+
+class BitReader {
+ public:
+  BitReader(const uint8_t* in, const uint8_t* end) : in_(in), end_(end) {}
+  // The caller has checked the stream holds every code it reads.
+  uint32_t Get(uint32_t width) {
+    while (used_ < width) {
+      acc_ |= static_cast<uint64_t>(*in_++) << used_;
+      used_ += 8;
+    }
+    const uint32_t code = static_cast<uint32_t>(acc_ & ((uint64_t{1} << width) - 1));
+    acc_ >>= width;
+    used_ -= width;
+    return code;
+  }
+  // Bits read from the stream but not consumed (the padding of the last byte).
+  uint64_t Leftover() const { return acc_; }
+  bool AtEnd() const { return in_ == end_; }
+
+ private:
+  const uint8_t* in_;
+  const uint8_t* end_;
+  uint64_t acc_ = 0;
+  uint32_t used_ = 0;
+};
+
+void EncodeQsgd(std::span<const float> v, uint32_t block, uint32_t levels, uint64_t seed,
+                char* headers, uint8_t* stream) {
+  const size_t n = v.size();
+  const uint32_t width = QsgdWidth(levels);
+  const float s = static_cast<float>(levels);
+  BitWriter writer(stream);
+  for (size_t b = 0, start = 0; start < n; ++b, start += block) {
+    const size_t len = std::min<size_t>(block, n - start);
+    const float m = std::bit_cast<float>(MaxAbsBits(v.data() + start, len));
+    StoreF32(headers + 4 * b, m);
+    for (size_t i = 0; i < len; ++i) {
+      const float x = v[start + i];
+      uint32_t code = 0;
+      if (m > 0.0f) {
+        // |x| / m in [0, 1] even when m is subnormal (no 1/m that could overflow).
+        const float r = std::fabs(x) / m * s;
+        const float fl = std::floor(r);
+        const float frac = r - fl;
+        // 24 random bits as a float in [0, 1): P(u < frac) = frac to within 2^-24.
+        const float u =
+            static_cast<float>(Mix(seed, start + i) >> 40) * (1.0f / 16777216.0f);
+        uint32_t l = static_cast<uint32_t>(fl) + (u < frac ? 1u : 0u);
+        l = std::min(l, levels);
+        code = 2 * l + ((x < 0.0f && l > 0) ? 1u : 0u);
+      }
+      writer.Put(code, width);
+    }
+  }
+  writer.Flush();
+}
+
+Status DecodeQsgd(const char* headers, const uint8_t* stream, size_t stream_bytes,
+                  uint32_t block, uint32_t levels, std::span<float> out) {
+  const size_t n = out.size();
+  const uint32_t width = QsgdWidth(levels);
+  BitReader reader(stream, stream + stream_bytes);
+  for (size_t b = 0, start = 0; start < n; ++b, start += block) {
+    const size_t len = std::min<size_t>(block, n - start);
+    const float m = LoadF32(headers + 4 * b);
+    if (!IsFinite(m) || !(m >= 0.0f)) {
+      return Status::InvalidArgument("qsgd tensor block " + std::to_string(b) +
+                                     " has an invalid norm " + std::to_string(m));
+    }
+    // m * l / s in double, then rounded: at most m, so finite.
+    const double step = static_cast<double>(m) / levels;
+    for (size_t i = 0; i < len; ++i) {
+      const uint32_t code = reader.Get(width);
+      const uint32_t l = code >> 1;
+      const bool negative = (code & 1u) != 0;
+      if (l > levels || (negative && l == 0)) {
+        return Status::InvalidArgument("qsgd tensor has an invalid code " + std::to_string(code) +
+                                       " at index " + std::to_string(start + i));
+      }
+      const float mag = static_cast<float>(step * l);
+      out[start + i] = negative ? -mag : mag;
+    }
+  }
+  if (reader.Leftover() != 0 || !reader.AtEnd()) {
+    return Status::InvalidArgument("qsgd tensor has non-zero padding bits");
+  }
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------------
+// topk
+
+Status EncodeTopK(std::span<const float> v, uint64_t k, char* out) {
+  const size_t n = v.size();
+  char* idx = out;
+  char* val = out + 4 * k;
+  if (k == n) {
+    for (size_t i = 0; i < n; ++i) {
+      StoreU32(idx + 4 * i, static_cast<uint32_t>(i));
+      StoreF32(val + 4 * i, v[i]);
+    }
+    return Status::Ok();
+  }
+  // Threshold = k-th largest |x| (nth_element, O(n)); then keep every |x| above it and the
+  // first ties in index order, so the choice is deterministic.
+  std::vector<float> mags;
+  try {
+    mags.resize(n);
+  } catch (const std::exception& e) {
+    return Status::ResourceExhausted(std::string("topk scratch: ") + e.what());
+  }
+  for (size_t i = 0; i < n; ++i) mags[i] = std::fabs(v[i]);
+  const auto nth = mags.begin() + static_cast<std::ptrdiff_t>(n - k);
+  std::nth_element(mags.begin(), nth, mags.end());
+  const float threshold = *nth;
+  uint64_t above = 0;
+  for (size_t i = 0; i < n; ++i) above += std::fabs(v[i]) > threshold ? 1 : 0;
+  uint64_t ties = k - above;
+  uint64_t j = 0;
+  for (size_t i = 0; i < n && j < k; ++i) {
+    const float a = std::fabs(v[i]);
+    bool keep = a > threshold;
+    if (!keep && a == threshold && ties > 0) {
+      keep = true;
+      --ties;
+    }
+    if (keep) {
+      StoreU32(idx + 4 * j, static_cast<uint32_t>(i));
+      StoreF32(val + 4 * j, v[i]);
+      ++j;
+    }
+  }
+  return Status::Ok();
+}
+
+Status DecodeTopK(const char* in, uint64_t k, std::span<float> out) {
+  const char* idx = in;
+  const char* val = in + 4 * k;
+  std::fill(out.begin(), out.end(), 0.0f);
+  int64_t prev = -1;
+  for (uint64_t j = 0; j < k; ++j) {
+    const uint32_t i = LoadU32(idx + 4 * j);
+    if (i >= out.size()) {
+      return Status::InvalidArgument("topk tensor index " + std::to_string(i) + " (entry " +
+                                     std::to_string(j) + ") out of range for " +
+                                     std::to_string(out.size()) + " values");
+    }
+    if (static_cast<int64_t>(i) <= prev) {
+      return Status::InvalidArgument("topk tensor indices not strictly increasing at entry " +
+                                     std::to_string(j) + " (" + std::to_string(i) + " after " +
+                                     std::to_string(prev) + ")");
+    }
+    prev = i;
+    const float x = LoadF32(val + 4 * j);
+    if (!IsFinite(x)) {
+      return Status::InvalidArgument("topk tensor holds a non-finite value at index " +
+                                     std::to_string(i));
+    }
+    out[i] = x;
+  }
+  return Status::Ok();
+}
+
+Status Allocate(std::string* payload, uint64_t bytes) {
+  try {
+    payload->resize(bytes);
+  } catch (const std::exception& e) {
+    return Status::ResourceExhausted(std::string("allocating a codec payload: ") + e.what());
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+
+Result<CodecSpec> ParseCodec(std::string_view name, uint32_t block_size) {
+  CodecSpec spec;
+  if (block_size > kMaxBlockSize) {
+    return Status::InvalidArgument("codec block size " + std::to_string(block_size) +
+                                   " above the limit " + std::to_string(kMaxBlockSize));
+  }
+  const uint32_t block = block_size == 0 ? kDefaultBlockSize : block_size;
+  const std::string shown(name.substr(0, 64));
+  if (name.empty() || name == "fp32") {
+    spec.kind = CodecKind::kFp32;
+    spec.name = "fp32";
+    return spec;
+  }
+  spec.name = std::string(name);
+  if (name == "fp16") {
+    spec.kind = CodecKind::kFp16;
+    return spec;
+  }
+  if (name == "int8" || name == "int4" || name == "sign") {
+    spec.kind = name == "int8" ? CodecKind::kInt8
+                : name == "int4" ? CodecKind::kInt4
+                                 : CodecKind::kSign;
+    spec.block_size = block;
+    return spec;
+  }
+  if (name.starts_with("qsgd:")) {
+    const std::string_view arg = name.substr(5);
+    uint32_t levels = 0;
+    const auto [end, ec] = std::from_chars(arg.data(), arg.data() + arg.size(), levels);
+    if (arg.empty() || ec != std::errc() || end != arg.data() + arg.size() || levels < 1 ||
+        levels > kMaxQsgdLevels) {
+      return Status::InvalidArgument("codec \"" + shown +
+                                     "\": qsgd levels s must be an integer in [1, " +
+                                     std::to_string(kMaxQsgdLevels) + "]");
+    }
+    spec.kind = CodecKind::kQsgd;
+    spec.levels = levels;
+    spec.name = "qsgd:" + std::to_string(levels);
+    spec.block_size = block;
+    return spec;
+  }
+  if (name.starts_with("topk:")) {
+    const std::string_view arg = name.substr(5);
+    double f = 0;
+    const auto [end, ec] = std::from_chars(arg.data(), arg.data() + arg.size(), f,
+                                           std::chars_format::fixed);
+    if (arg.empty() || ec != std::errc() || end != arg.data() + arg.size() || !(f > 0.0) ||
+        !(f <= 1.0)) {
+      return Status::InvalidArgument("codec \"" + shown +
+                                     "\": topk fraction f must be a decimal number in (0, 1]");
+    }
+    spec.kind = CodecKind::kTopK;
+    spec.fraction = f;
+    return spec;
+  }
+  return Status::InvalidArgument("unknown codec \"" + shown + "\"; valid codecs: " +
+                                 std::string(kValidNames));
+}
+
+Result<CodecSpec> ParseCodec(const proto::CodecConfig& config) {
+  return ParseCodec(config.name(), config.block_size());
+}
+
+bool WantsErrorFeedback(const CodecSpec& spec, const proto::CodecConfig& config) {
+  return spec.lossy() && (config.error_feedback() || spec.default_error_feedback());
+}
+
+uint64_t TopKCount(double fraction, uint64_t n) {
+  if (n == 0) return 0;
+  const double want = std::ceil(fraction * static_cast<double>(n));
+  if (!(want >= 1.0)) return 1;
+  if (want >= static_cast<double>(n)) return n;
+  return static_cast<uint64_t>(want);
+}
+
+uint64_t PayloadBytes(const CodecSpec& spec, uint64_t n) {
+  const uint64_t nb = NumBlocks(n, spec.block_size);
+  switch (spec.kind) {
+    case CodecKind::kFp32:
+      return 4 * n;
+    case CodecKind::kFp16:
+      return 2 * n;
+    case CodecKind::kInt8:
+      return 8 * nb + n;
+    case CodecKind::kInt4:
+      return 8 * nb + (n + 1) / 2;
+    case CodecKind::kSign:
+      return 4 * nb + (n + 7) / 8;
+    case CodecKind::kQsgd:
+      return 4 * nb + (n * QsgdWidth(spec.levels) + 7) / 8;
+    case CodecKind::kTopK:
+      return 8 * TopKCount(spec.fraction, n);
+  }
+  return 0;
+}
+
+Status Encode(const CodecSpec& spec, std::span<const float> values, proto::EncodedTensor* out,
+              uint64_t seed) {
+  if (spec.kind == CodecKind::kFp32) return net::EncodeFp32(values, out);
+  FEDSLICE_RETURN_IF_ERROR(CheckEncodable(values));
+  if (spec.block_wise() && (spec.block_size == 0 || spec.block_size > kMaxBlockSize)) {
+    return Status::InvalidArgument("codec " + spec.name + " needs a block size in [1, " +
+                                   std::to_string(kMaxBlockSize) + "], has " +
+                                   std::to_string(spec.block_size));
+  }
+  const uint64_t n = values.size();
+  const uint64_t nb = spec.block_wise() ? NumBlocks(n, spec.block_size) : 0;
+  out->Clear();
+  out->set_codec(spec.name);
+  out->set_num_values(n);
+  if (spec.block_wise()) {
+    out->set_block_size(spec.block_size);
+    out->set_num_blocks(nb);
+  }
+  std::string* payload = out->mutable_payload();
+  FEDSLICE_RETURN_IF_ERROR(Allocate(payload, PayloadBytes(spec, n)));
+  char* p = payload->data();
+  auto* bytes = reinterpret_cast<uint8_t*>(p);
+  switch (spec.kind) {
+    case CodecKind::kFp32:
+      break;
+    case CodecKind::kFp16:
+      EncodeFp16(values, p);
+      break;
+    case CodecKind::kInt8:
+      QuantizeAll<256>(values, spec.block_size, p, bytes + 8 * nb);
+      break;
+    case CodecKind::kInt4: {
+      // One code per byte into a scratch, then two per byte into the payload.
+      std::vector<uint8_t> codes;
+      try {
+        codes.resize(n + 1);
+      } catch (const std::exception& e) {
+        return Status::ResourceExhausted(std::string("int4 scratch: ") + e.what());
+      }
+      QuantizeAll<16>(values, spec.block_size, p, codes.data());
+      codes[n] = 0;
+      uint8_t* packed = bytes + 8 * nb;
+      for (uint64_t j = 0; j < (n + 1) / 2; ++j) {
+        packed[j] = static_cast<uint8_t>(codes[2 * j] | (codes[2 * j + 1] << 4));
+      }
+      break;
+    }
+    case CodecKind::kSign:
+      EncodeSign(values, spec.block_size, p, bytes + 4 * nb);
+      break;
+    case CodecKind::kQsgd:
+      out->set_seed(seed);
+      EncodeQsgd(values, spec.block_size, spec.levels, seed, p, bytes + 4 * nb);
+      break;
+    case CodecKind::kTopK: {
+      const uint64_t k = TopKCount(spec.fraction, n);
+      out->set_k(k);
+      FEDSLICE_RETURN_IF_ERROR(EncodeTopK(values, k, p));
+      break;
+    }
+  }
+  return Status::Ok();
+}
+
+Status Decode(const proto::EncodedTensor& tensor, std::span<float> out) {
+  if (tensor.num_values() != out.size()) {
+    return Status::InvalidArgument("encoded tensor has " + std::to_string(tensor.num_values()) +
+                                   " values, expected " + std::to_string(out.size()));
+  }
+  FEDSLICE_RETURN_IF_ERROR(net::ValidateEncodedTensor(tensor, out.size()));
+  if (tensor.codec() == "fp32") {
+    if (tensor.block_size() != 0 || tensor.num_blocks() != 0 || tensor.k() != 0) {
+      return Status::InvalidArgument("fp32 tensor must not set block_size, num_blocks or k");
+    }
+    return net::DecodeFp32(tensor, out);
+  }
+  FEDSLICE_ASSIGN_OR_RETURN(CodecSpec spec, ParseCodec(tensor.codec(), 0));
+  const uint64_t n = out.size();
+  const std::string& codec = tensor.codec();
+  if (spec.block_wise()) {
+    if (tensor.block_size() == 0 || tensor.block_size() > kMaxBlockSize) {
+      return Status::InvalidArgument(codec + " tensor has block_size " +
+                                     std::to_string(tensor.block_size()) + ", must be in [1, " +
+                                     std::to_string(kMaxBlockSize) + "]");
+    }
+    spec.block_size = tensor.block_size();
+    const uint64_t nb = NumBlocks(n, spec.block_size);
+    if (tensor.num_blocks() != nb) {
+      return Status::InvalidArgument(codec + " tensor has num_blocks " +
+                                     std::to_string(tensor.num_blocks()) + ", " +
+                                     std::to_string(n) + " values in blocks of " +
+                                     std::to_string(spec.block_size) + " need " +
+                                     std::to_string(nb));
+    }
+  } else if (tensor.block_size() != 0 || tensor.num_blocks() != 0) {
+    return Status::InvalidArgument(codec + " tensor must not set block_size or num_blocks");
+  }
+  const uint64_t want_k = spec.kind == CodecKind::kTopK ? TopKCount(spec.fraction, n) : 0;
+  if (tensor.k() != want_k) {
+    return Status::InvalidArgument(codec + " tensor has k = " + std::to_string(tensor.k()) +
+                                   ", " + std::to_string(n) + " values need k = " +
+                                   std::to_string(want_k));
+  }
+  const uint64_t want_bytes = PayloadBytes(spec, n);
+  if (tensor.payload().size() != want_bytes) {
+    return Status::InvalidArgument(codec + " tensor of " + std::to_string(n) + " values needs " +
+                                   std::to_string(want_bytes) + " payload bytes, has " +
+                                   std::to_string(tensor.payload().size()));
+  }
+  const char* p = tensor.payload().data();
+  const auto* bytes = reinterpret_cast<const uint8_t*>(p);
+  const uint64_t nb = tensor.num_blocks();
+  switch (spec.kind) {
+    case CodecKind::kFp32:
+      return Status::Internal("fp32 handled above");
+    case CodecKind::kFp16:
+      return DecodeFp16(p, out);
+    case CodecKind::kInt8:
+      FEDSLICE_RETURN_IF_ERROR(CheckAffineHeaders(codec, p, nb, 256));
+      DequantizeInt8(p, bytes + 8 * nb, spec.block_size, out);
+      return Status::Ok();
+    case CodecKind::kInt4:
+      FEDSLICE_RETURN_IF_ERROR(CheckAffineHeaders(codec, p, nb, 16));
+      if (n % 2 == 1 && (bytes[8 * nb + n / 2] >> 4) != 0) {
+        return Status::InvalidArgument("int4 tensor has a non-zero padding nibble");
+      }
+      DequantizeInt4(p, bytes + 8 * nb, spec.block_size, out);
+      return Status::Ok();
+    case CodecKind::kSign: {
+      for (uint64_t b = 0; b < nb; ++b) {
+        const float s = LoadF32(p + 4 * b);
+        if (!IsFinite(s) || !(s >= 0.0f)) {
+          return Status::InvalidArgument("sign tensor block " + std::to_string(b) +
+                                         " has an invalid scale " + std::to_string(s));
+        }
+      }
+      if (n % 8 != 0 && (bytes[4 * nb + n / 8] >> (n % 8)) != 0) {
+        return Status::InvalidArgument("sign tensor has non-zero padding bits");
+      }
+      DecodeSign(p, bytes + 4 * nb, spec.block_size, out);
+      return Status::Ok();
+    }
+    case CodecKind::kQsgd:
+      return DecodeQsgd(p, bytes + 4 * nb, want_bytes - 4 * nb, spec.block_size, spec.levels,
+                        out);
+    case CodecKind::kTopK:
+      return DecodeTopK(p, want_k, out);
+  }
+  return Status::Internal("unhandled codec kind");
+}
+
+// ---------------------------------------------------------------------------------------------
+
+Status ErrorFeedback::Apply(std::span<float> update) {
+  if (residual_.empty() && !update.empty()) {
+    try {
+      residual_.assign(update.size(), 0.0f);
+    } catch (const std::exception& e) {
+      return Status::ResourceExhausted(std::string("error feedback residual: ") + e.what());
+    }
+    return Status::Ok();
+  }
+  if (residual_.size() != update.size()) {
+    return Status::InvalidArgument("error feedback: update has " + std::to_string(update.size()) +
+                                   " values, residual " + std::to_string(residual_.size()));
+  }
+  for (size_t i = 0; i < update.size(); ++i) update[i] += residual_[i];
+  return Status::Ok();
+}
+
+Status ErrorFeedback::Update(std::span<const float> intended, std::span<const float> decoded) {
+  if (intended.size() != decoded.size() ||
+      (!residual_.empty() && residual_.size() != intended.size())) {
+    return Status::InvalidArgument("error feedback: sizes differ (intended " +
+                                   std::to_string(intended.size()) + ", decoded " +
+                                   std::to_string(decoded.size()) + ", residual " +
+                                   std::to_string(residual_.size()) + ")");
+  }
+  try {
+    residual_.resize(intended.size());
+  } catch (const std::exception& e) {
+    return Status::ResourceExhausted(std::string("error feedback residual: ") + e.what());
+  }
+  for (size_t i = 0; i < intended.size(); ++i) residual_[i] = intended[i] - decoded[i];
+  if (const size_t bad = net::FindNonFinite(residual_); bad != residual_.size()) {
+    residual_.assign(residual_.size(), 0.0f);
+    return Status::InvalidArgument("error feedback: residual not finite at index " +
+                                   std::to_string(bad) + "; residual reset");
+  }
+  return Status::Ok();
+}
+
+Status ErrorFeedback::Encode(const CodecSpec& spec, std::span<const float> update,
+                             proto::EncodedTensor* out, uint64_t seed) {
+  if (!residual_.empty() && residual_.size() != update.size()) {
+    return Status::InvalidArgument("error feedback: update has " + std::to_string(update.size()) +
+                                   " values, residual " + std::to_string(residual_.size()));
+  }
+  try {
+    scratch_.assign(update.begin(), update.end());
+    decoded_.resize(update.size());
+  } catch (const std::exception& e) {
+    return Status::ResourceExhausted(std::string("error feedback scratch: ") + e.what());
+  }
+  if (!residual_.empty()) {
+    for (size_t i = 0; i < scratch_.size(); ++i) scratch_[i] += residual_[i];
+  }
+  // Encode rejects a non-finite update + residual; the residual is then left as it was.
+  FEDSLICE_RETURN_IF_ERROR(codec::Encode(spec, scratch_, out, seed));
+  FEDSLICE_RETURN_IF_ERROR(Decode(*out, decoded_));
+  return Update(scratch_, decoded_);
+}
+
+}  // namespace fedslice::codec
