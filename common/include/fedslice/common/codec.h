@@ -131,8 +131,9 @@ Status Decode(const proto::EncodedTensor& tensor, std::span<float> out);
 class ErrorFeedback {
  public:
   // Encodes update + residual with `spec` and sets residual = (update + residual) - decoded.
-  // On error the residual is unchanged. Errors: Encode's, kInvalidArgument when the update's
-  // size differs from the residual's, or update + residual is not finite.
+  // If encoding fails the residual is unchanged. Errors: Encode's, kInvalidArgument when the
+  // update's size differs from the residual's or update + residual is not finite (and, from
+  // Update, when the new residual overflows: it is then reset to zero).
   Status Encode(const CodecSpec& spec, std::span<const float> update, proto::EncodedTensor* out,
                 uint64_t seed = 0);
 
