@@ -9,6 +9,7 @@ const std::vector<Command>& Commands() {
       {"train", "train a built-in model centrally on IDX data (MNIST layout)", RunTrain},
       {"eval", "evaluate a saved model file on the test split of IDX data", RunEval},
       {"sim", "simulate a federation of N virtual clients in one process", RunSim},
+      {"plan", "split a model over a chain of devices to maximise pipeline throughput", RunPlan},
   };
   return commands;
 }

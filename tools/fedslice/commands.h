@@ -20,5 +20,6 @@ const std::vector<Command>& Commands();
 int RunTrain(int argc, char** argv);
 int RunEval(int argc, char** argv);
 int RunSim(int argc, char** argv);
+int RunPlan(int argc, char** argv);
 
 }  // namespace fedslice::cli
