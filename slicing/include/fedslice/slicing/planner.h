@@ -47,7 +47,7 @@ namespace fedslice::slicing {
 // One candidate device as the planner sees it.
 struct Device {
   std::string name;
-  // Forward time per sample of every layer of the model, in ms (size n, each > 0, finite).
+  // Forward time per sample of every layer of the model, in ms (size n, each finite, >= 0).
   std::vector<double> layer_ms_per_sample;
   uint64_t memory_budget_bytes = 0;  // 0 = no limit
   double link_bandwidth_bytes_per_s = 1e9;  // to the next stage, > 0
@@ -63,7 +63,8 @@ struct LinkDefaults {
 };
 
 // The planner's view of a device from the profile it reported: with layer timings (one per
-// layer of `costs`, indices 0..n-1, each > 0), t(i) = forward_ms_per_sample × slowdown;
+// layer of `costs`, indices 0..n-1 in any order, names matching when given, finite and
+// >= 0), t(i) = forward_ms_per_sample × slowdown;
 // otherwise t(i) = 1000 · forward_flops(i) · slowdown / flops. slowdown 0 (unset) means 1.
 // Unset link figures take `link`. InvalidArgument naming the device and the field for
 // timings of another model, flops <= 0 without timings, slowdown < 1, NaN or negative values.
@@ -117,7 +118,7 @@ struct Plan {
 
 // The optimal plan (see above) of the layers `costs` describes over `devices`.
 // InvalidArgument for no layers, no or more than kMaxDevices devices, a device whose
-// layer_ms_per_sample does not have one finite positive time per layer, bad link or options.
+// layer_ms_per_sample does not have one finite time >= 0 per layer, bad link or options.
 // ResourceExhausted when no split fits the memory budgets, naming why: the first layer that
 // fits no device alone (its parameter and activation bytes against the largest budget), or
 // that the layers fit one at a time but not together.
