@@ -7,6 +7,7 @@
 #include <string_view>
 #include <vector>
 
+#include "fedslice/common/codec.h"
 #include "fedslice/common/model.h"
 #include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/net/wire.h"
@@ -266,7 +267,7 @@ EdgeClient::Outcome EdgeClient::Serve(net::Channel& channel, const std::string& 
     switch (envelope.body_case()) {
       case proto::Envelope::kWelcome: {
         const proto::Welcome& welcome = envelope.welcome();
-        Status fits = trainer_.SetModel(welcome.model());
+        Status fits = trainer_.SetModel(welcome.model(), welcome.run_config().run_id());
         auto model = fits.ok() ? Model::Create(welcome.model()) : Result<Model>(fits);
         if (!model.ok()) {
           // Our data cannot train the announced model (other image size, more classes): no
@@ -381,16 +382,11 @@ Status EdgeClient::CheckWeights(const proto::EncodedTensor& weights,
     return Status::InvalidArgument("weights have " + std::to_string(weights.num_values()) +
                                    " values, the model has " + std::to_string(model_params_));
   }
+  // Decoding checks the codec, every header field, the payload length and finiteness; a
+  // failure here is the sender's tensor, not our training, hence its own error code.
   *code = proto::ERROR_INVALID_TENSOR;
-  FEDSLICE_RETURN_IF_ERROR(net::ValidateEncodedTensor(weights, model_params_));
-  if (weights.codec() != net::kCodecFp32) {
-    return Status::InvalidArgument("weights codec '" + weights.codec() +
-                                   "' is not supported (supported: fp32)");
-  }
-  // Structure is fine, so decoding fails only on a non-finite value (named in the message).
-  FEDSLICE_ASSIGN_OR_RETURN(std::vector<float> values, net::DecodeFp32(weights, model_params_));
-  (void)values;
-  return Status::Ok();
+  std::vector<float> scratch(model_params_);
+  return codec::Decode(weights, scratch);
 }
 
 Status EdgeClient::HandleFit(net::Channel& channel, const proto::Envelope& envelope) {

@@ -5,7 +5,6 @@
 #include <string>
 #include <vector>
 
-#include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/trainer.h"
 
 namespace fedslice::client {
@@ -13,13 +12,18 @@ namespace fedslice::client {
 LocalTrainer::LocalTrainer(data::Dataset train, std::optional<data::Dataset> test)
     : train_(std::move(train)), test_(std::move(test)) {}
 
-Status LocalTrainer::SetModel(const proto::ModelSpec& spec) {
+Status LocalTrainer::SetModel(const proto::ModelSpec& spec, const std::string& run_id) {
   FEDSLICE_ASSIGN_OR_RETURN(Model model, Model::Create(spec));
   FEDSLICE_RETURN_IF_ERROR(ValidateDataset(model, train_).WithContext("local training data"));
   if (test_) {
     FEDSLICE_RETURN_IF_ERROR(ValidateDataset(model, *test_).WithContext("local test data"));
   }
+  if (model_ == nullptr || run_id != run_id_ ||
+      model_->param_count() != model.param_count()) {
+    feedback_.Reset();
+  }
   model_ = std::make_unique<Model>(std::move(model));
+  run_id_ = run_id;
   return Status::Ok();
 }
 
@@ -32,10 +36,10 @@ Status LocalTrainer::LoadWeights(const proto::EncodedTensor& weights) {
     return Status::InvalidArgument("global weights have " + std::to_string(weights.num_values()) +
                                    " values, the model has " + std::to_string(expected));
   }
-  FEDSLICE_RETURN_IF_ERROR(net::ValidateEncodedTensor(weights, expected));
-  // Decode into a scratch copy so a bad payload leaves the model untouched.
+  // Decode into a scratch copy so a bad payload leaves the model untouched. Any codec: the
+  // coordinator may compress the downlink too.
   std::vector<float> values(expected);
-  FEDSLICE_RETURN_IF_ERROR(net::DecodeFp32(weights, values));
+  FEDSLICE_RETURN_IF_ERROR(codec::Decode(weights, values));
   return model_->SetParams(values);
 }
 
@@ -43,11 +47,8 @@ Result<proto::FitResult> LocalTrainer::Fit(const proto::FitTask& task) {
   const auto started = std::chrono::steady_clock::now();
   FEDSLICE_RETURN_IF_ERROR(LoadWeights(task.global_weights()).WithContext("FitTask"));
   if (task.batch_size() == 0) return Status::InvalidArgument("FitTask: batch_size must be >= 1");
-  const std::string codec = task.codec().name().empty() ? "fp32" : task.codec().name();
-  if (codec != net::kCodecFp32) {
-    return Status::InvalidArgument("FitTask: update codec '" + codec +
-                                   "' is not supported by this client (supported: fp32)");
-  }
+  FEDSLICE_ASSIGN_OR_RETURN(codec::CodecSpec update_codec,
+                            codec::ParseCodec(task.codec()));
 
   const std::vector<float> global(model_->params().begin(), model_->params().end());
   TrainConfig config;
@@ -71,7 +72,15 @@ Result<proto::FitResult> LocalTrainer::Fit(const proto::FitTask& task) {
   proto::FitResult result;
   result.set_round(task.round());
   result.set_task_id(task.task_id());
-  FEDSLICE_RETURN_IF_ERROR(net::EncodeFp32(delta, result.mutable_update()));
+  // The codec's random rounding (qsgd) is seeded per task, so a rerun sends the same bytes.
+  const uint64_t codec_seed = task.seed() ^ 0x9e3779b97f4a7c15ULL;
+  if (codec::WantsErrorFeedback(update_codec, task.codec())) {
+    FEDSLICE_RETURN_IF_ERROR(
+        feedback_.Encode(update_codec, delta, result.mutable_update(), codec_seed));
+  } else {
+    FEDSLICE_RETURN_IF_ERROR(
+        codec::Encode(update_codec, delta, result.mutable_update(), codec_seed));
+  }
   result.set_num_samples(static_cast<uint64_t>(stats->num_samples));
   result.set_train_loss(stats->mean_loss);
   result.set_num_steps(static_cast<uint64_t>(stats->steps));

@@ -38,6 +38,8 @@ int main(int argc, char** argv) {
   auto& fed = options.federation;
   std::string config_file, model_name = "mlp", data_dir, strategy = "fedavg", codec = "fp32";
   std::string out_dir, port_file, save_model, log_level = "info";
+  std::string downlink_codec = "fp32", error_feedback = "default";
+  uint32_t codec_block_size = 0;
   int round_deadline_ms = 300'000, threads = 0;
   int heartbeat_ms = 10'000, idle_timeout_ms = 30'000, handshake_timeout_ms = 10'000;
   size_t max_frame_bytes = options.tls.max_frame_bytes;
@@ -73,7 +75,15 @@ int main(int argc, char** argv) {
        "client weight decay")
       ("strategy", po::value(&strategy)->default_value("fedavg"),
        "fedavg | fedprox:mu=X | fedavgm:lr=X,momentum=Y | fedadam:lr=X,beta1=..,beta2=..,tau=..")
-      ("codec", po::value(&codec)->default_value("fp32"), "update codec clients use")
+      ("codec-block-size", po::value(&codec_block_size)->default_value(0),
+       "values per block for int8/int4/qsgd/sign (0 = 256)")
+      ("error-feedback", po::value(&error_feedback)->default_value("default"),
+       "on | default (on for sign and topk): keep what a lossy codec did not send and add "
+       "it to the next update")
+      ("downlink-codec", po::value(&downlink_codec)->default_value("fp32"),
+       "codec of the global weights sent to clients")
+      ("codec", po::value(&codec)->default_value("fp32"),
+       "update codec clients use: fp32 | fp16 | int8 | int4 | qsgd:S | sign | topk:F")
       ("seed", po::value(&seed)->default_value(1), "run seed: model init, sampling, shuffling")
       ("round-deadline-ms", po::value(&round_deadline_ms)->default_value(300'000),
        "a round waits at most this long for results")
@@ -123,6 +133,12 @@ int main(int argc, char** argv) {
   if (!strategy_config.ok()) return Fail(strategy_config.status().message(), cli::kExitUsage);
   fed.strategy = *strategy_config;
   fed.codec.set_name(codec);
+  fed.codec.set_block_size(codec_block_size);
+  if (error_feedback != "on" && error_feedback != "default") {
+    return Fail("--error-feedback must be 'on' or 'default'", cli::kExitUsage);
+  }
+  fed.codec.set_error_feedback(error_feedback == "on");
+  fed.downlink_codec.set_name(downlink_codec);
   fed.seed = seed;
   fed.out_dir = out_dir;
   fed.round_deadline = std::chrono::milliseconds(round_deadline_ms);

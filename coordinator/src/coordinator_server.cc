@@ -313,7 +313,7 @@ struct CoordinatorServer::Impl {
     eval_results.clear();
     proto::EvaluateTask base;
     base.set_round(metrics->round());
-    if (!net::EncodeFp32(federation->global_model().params(), base.mutable_weights()).ok()) return;
+    if (!federation->EncodeGlobalWeights(base.mutable_weights()).ok()) return;
     base.set_deadline_ms(static_cast<uint32_t>(options.federation.round_deadline.count()));
     uint64_t next_id = (metrics->round() << 24) | (uint64_t{0xff} << 16);
     for (const auto& [id, client] : clients) {

@@ -5,10 +5,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <sstream>
 
 #include "fedslice/common/model_io.h"
-#include "fedslice/common/net/encoded_tensor.h"
+#include "fedslice/common/codec.h"
 #include "fedslice/common/trainer.h"
 #include "fedslice/coordinator/sampler.h"
 
@@ -67,6 +68,10 @@ Status FederationConfig::Validate() const {
   }
   if (round_deadline.count() <= 0) return Status::InvalidArgument("round deadline must be > 0");
   if (eval_batch_size < 1) return Status::InvalidArgument("eval batch size must be >= 1");
+  if (auto parsed = codec::ParseCodec(codec); !parsed.ok()) return parsed.status();
+  if (auto parsed = codec::ParseCodec(downlink_codec); !parsed.ok()) {
+    return parsed.status().WithContext("downlink codec");
+  }
   return strategy.Validate();
 }
 
@@ -74,6 +79,9 @@ RunConfig FederationConfig::Fingerprint() const {
   return {
       {"strategy", strategy.ToString()},
       {"codec", codec.name().empty() ? "fp32" : codec.name()},
+      {"codec_block_size", std::to_string(codec.block_size())},
+      {"error_feedback", codec.error_feedback() ? "on" : "default"},
+      {"downlink_codec", downlink_codec.name().empty() ? "fp32" : downlink_codec.name()},
       {"fraction", FormatDouble(fraction)},
       {"min_fit", std::to_string(min_fit)},
       {"seed", std::to_string(seed)},
@@ -97,6 +105,8 @@ Result<std::unique_ptr<Federation>> Federation::Create(FederationConfig config,
   FEDSLICE_ASSIGN_OR_RETURN(
       fed->strategy_,
       MakeStrategy(config.strategy, static_cast<size_t>(fed->global_->param_count())));
+  FEDSLICE_ASSIGN_OR_RETURN(fed->uplink_codec_, codec::ParseCodec(config.codec));
+  FEDSLICE_ASSIGN_OR_RETURN(fed->downlink_codec_, codec::ParseCodec(config.downlink_codec));
   fed->config_ = std::move(config);
   fed->test_set_ = std::move(test_set);
 
@@ -113,7 +123,15 @@ Result<std::unique_ptr<Federation>> Federation::Create(FederationConfig config,
   }
 
   proto::RunConfig& run = fed->run_config_message_;
-  run.set_run_id("fedslice-" + std::to_string(fed->config_.seed));
+  // Stable across restarts of the same run (a resume), different for other settings: clients
+  // keep their error-feedback residual exactly as long as the run is the same.
+  std::string identity = fed->config_.model.SerializeAsString();
+  for (const auto& [key, value] : fed->config_.Fingerprint()) identity += key + "=" + value + ";";
+  char run_id[32];
+  std::snprintf(run_id, sizeof run_id, "run-%016llx",
+                static_cast<unsigned long long>(Fnv1a(identity)));
+  run.set_run_id(run_id);
+  *run.mutable_downlink_codec() = fed->config_.downlink_codec;
   run.set_total_rounds(fed->config_.rounds);
   run.set_next_round(static_cast<uint32_t>(fed->completed_rounds_ + 1));
   *run.mutable_uplink_codec() = fed->config_.codec;
@@ -151,7 +169,7 @@ Result<RoundPlan> Federation::BeginRound(std::vector<std::string> available, uin
 
   proto::FitTask base;
   base.set_round(round);
-  FEDSLICE_RETURN_IF_ERROR(net::EncodeFp32(global_->params(), base.mutable_global_weights()));
+  FEDSLICE_RETURN_IF_ERROR(EncodeGlobalWeights(base.mutable_global_weights()));
   base.set_local_epochs(config_.local_epochs);
   base.set_batch_size(config_.batch_size);
   base.set_learning_rate(config_.learning_rate);
@@ -219,12 +237,17 @@ Status Federation::AcceptFitResult(const std::string& client_id, const proto::Fi
         "FitResult: update has " + std::to_string(result.update().num_values()) +
         " values, the model has " + std::to_string(expected)));
   }
-  if (Status valid = net::ValidateEncodedTensor(result.update(), expected); !valid.ok()) {
-    return reject(valid.WithContext("FitResult update"));
+  if (result.update().codec() != uplink_codec_.name) {
+    return reject(Status::InvalidArgument("FitResult update is encoded with '" +
+                                          result.update().codec() + "', this run uses '" +
+                                          uplink_codec_.name + "'"));
   }
-  auto delta = net::DecodeFp32(result.update(), expected);
-  if (!delta.ok()) return reject(delta.status().WithContext("FitResult update"));
-  if (Status folded = strategy_->Accumulate(*delta, result.num_samples()); !folded.ok()) {
+  // Sized by what we expect, never by what the peer claims; Decode checks every field.
+  std::vector<float> delta(expected);
+  if (Status decoded = codec::Decode(result.update(), delta); !decoded.ok()) {
+    return reject(decoded.WithContext("FitResult update"));
+  }
+  if (Status folded = strategy_->Accumulate(delta, result.num_samples()); !folded.ok()) {
     return reject(folded.WithContext("FitResult update"));
   }
   answered_.insert(client_id);
@@ -317,6 +340,11 @@ void Federation::AddFederatedEvaluation(const std::vector<proto::EvaluateResult>
   if (samples == 0) return;
   metrics->set_federated_accuracy(static_cast<double>(correct) / static_cast<double>(samples));
   metrics->set_federated_loss(loss / static_cast<double>(samples));
+}
+
+Status Federation::EncodeGlobalWeights(proto::EncodedTensor* out) const {
+  return codec::Encode(downlink_codec_, global_->params(), out,
+                       DeriveSeed(config_.seed, completed_rounds_ + 1, 0xd0));
 }
 
 Status Federation::SaveCheckpoint() {

@@ -19,6 +19,9 @@ int RunSim(int argc, char** argv) {
   std::string partition = "iid";
   std::string strategy = "fedavg";
   std::string codec = "fp32";
+  std::string downlink_codec = "fp32";
+  std::string error_feedback = "default";
+  uint32_t codec_block_size = 0;
   std::string out_dir;
   std::string save_model;
   coordinator::SimulationConfig config;
@@ -45,7 +48,15 @@ int RunSim(int argc, char** argv) {
        "client weight decay")
       ("strategy", po::value(&strategy)->default_value("fedavg"),
        "fedavg | fedprox:mu=X | fedavgm:lr=X,momentum=Y | fedadam:lr=X,beta1=..,beta2=..,tau=..")
-      ("codec", po::value(&codec)->default_value("fp32"), "update codec")
+      ("codec-block-size", po::value(&codec_block_size)->default_value(0),
+       "values per block for int8/int4/qsgd/sign (0 = 256)")
+      ("error-feedback", po::value(&error_feedback)->default_value("default"),
+       "on | default (on for sign and topk): keep what a lossy codec did not send and add "
+       "it to the next update")
+      ("downlink-codec", po::value(&downlink_codec)->default_value("fp32"),
+       "codec of the global weights sent to clients")
+      ("codec", po::value(&codec)->default_value("fp32"),
+       "update codec: fp32 | fp16 | int8 | int4 | qsgd:S | sign | topk:F")
       ("seed", po::value(&seed)->default_value(1), "run seed: model init, sampling, shuffling")
       ("threads", po::value(&config.parallelism)->default_value(0),
        "clients trained at once (0 = all cores)")
@@ -77,6 +88,13 @@ int RunSim(int argc, char** argv) {
   }
   fed.strategy = *strategy_config;
   fed.codec.set_name(codec);
+  fed.codec.set_block_size(codec_block_size);
+  if (error_feedback != "on" && error_feedback != "default") {
+    PrintError(command, "--error-feedback must be 'on' or 'default'");
+    return kExitUsage;
+  }
+  fed.codec.set_error_feedback(error_feedback == "on");
+  fed.downlink_codec.set_name(downlink_codec);
   fed.seed = seed;
   fed.out_dir = out_dir;
   auto spec = BuiltinSpec(model_name, seed);

@@ -12,7 +12,10 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
+#include <string>
 
+#include "fedslice/common/codec.h"
 #include "fedslice/common/dataset.h"
 #include "fedslice/common/model.h"
 #include "fedslice/common/status.h"
@@ -27,12 +30,14 @@ class LocalTrainer {
 
   // Builds the model the coordinator announced (Welcome.model) and checks that the private
   // data fits it (sample shape, label range, finite values). On error the trainer keeps the
-  // model it had before.
-  Status SetModel(const proto::ModelSpec& spec);
+  // model it had before. `run_id` (Welcome.run_config.run_id) scopes the error-feedback
+  // residual: a reconnect within the same run keeps it, a new run starts from zero.
+  Status SetModel(const proto::ModelSpec& spec, const std::string& run_id = "");
   bool has_model() const { return model_ != nullptr; }
 
-  // Trains from the task's global weights for its local epochs and returns the FitResult
-  // (round and task id echoed, encoded update, sample count, last-epoch train loss).
+  // Trains from the task's global weights (any codec) for its local epochs and returns the
+  // FitResult (round and task id echoed, update encoded with the task's codec — plus the
+  // error-feedback residual when the codec wants it —, sample count, last-epoch train loss).
   // Errors, with nothing sent: no model (FailedPrecondition); weights of the wrong size or
   // codec, or non-finite (InvalidArgument); bad hyperparameters (InvalidArgument); training
   // diverged (Aborted).
@@ -43,6 +48,8 @@ class LocalTrainer {
   Result<proto::EvaluateResult> Evaluate(const proto::EvaluateTask& task);
 
   int64_t num_train_samples() const { return train_.size(); }
+  // What error feedback still owes the coordinator (empty before the first lossy update).
+  std::span<const float> residual() const { return feedback_.residual(); }
   const data::Dataset& train_data() const { return train_; }
 
  private:
@@ -51,6 +58,8 @@ class LocalTrainer {
   data::Dataset train_;
   std::optional<data::Dataset> test_;
   std::unique_ptr<Model> model_;
+  std::string run_id_;
+  codec::ErrorFeedback feedback_;
 };
 
 }  // namespace fedslice::client

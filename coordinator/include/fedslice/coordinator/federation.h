@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "fedslice/common/codec.h"
 #include "fedslice/common/dataset.h"
 #include "fedslice/common/model.h"
 #include "fedslice/common/status.h"
@@ -48,7 +49,8 @@ struct FederationConfig {
   float momentum = 0.0f;
   float weight_decay = 0.0f;
   StrategyConfig strategy = StrategyConfig::Defaults(StrategyConfig::Kind::kFedAvg);
-  proto::CodecConfig codec;       // uplink codec named in every FitTask
+  proto::CodecConfig codec;           // uplink codec named in every FitTask
+  proto::CodecConfig downlink_codec;  // how the global weights travel to clients (fp32)
   uint64_t seed = 1;              // root seed: sampling and every client's shuffling
   std::chrono::milliseconds round_deadline{std::chrono::minutes(5)};
   int eval_batch_size = 256;
@@ -130,6 +132,9 @@ class Federation {
   // Folds clients' evaluations of the new global model (sample-weighted) into `metrics`.
   // Reports that are inconsistent (no samples, more correct than samples, non-finite loss)
   // are skipped.
+  // The current global weights encoded with the downlink codec (FitTasks, EvaluateTasks).
+  Status EncodeGlobalWeights(proto::EncodedTensor* out) const;
+
   static void AddFederatedEvaluation(const std::vector<proto::EvaluateResult>& results,
                                      proto::RoundMetrics* metrics);
 
@@ -142,6 +147,8 @@ class Federation {
   std::optional<data::Dataset> test_set_;
   std::unique_ptr<Model> global_;
   std::unique_ptr<Strategy> strategy_;
+  codec::CodecSpec uplink_codec_;
+  codec::CodecSpec downlink_codec_;
   std::optional<CheckpointStore> checkpoints_;
   std::unique_ptr<MetricsWriter> metrics_;
   proto::RunConfig run_config_message_;
