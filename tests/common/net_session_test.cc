@@ -265,7 +265,8 @@ TEST_F(NetSessionTest, ModelSizedMessagesRoundTrip) {
   ASSERT_TRUE((*channel)->Send(std::move(result)).ok());
   std::optional<RecordingHandler::Message> m = handler->WaitMessage(10s);
   ASSERT_TRUE(m.has_value());
-  Result<std::vector<float>> update = net::DecodeFp32(m->envelope.fit_result().update(), kCnnParams);
+  Result<std::vector<float>> update =
+      net::DecodeFp32(m->envelope.fit_result().update(), kCnnParams);
   ASSERT_TRUE(update.ok());
   EXPECT_EQ((*update)[12345], 0.5f * weights[12345]);
   EXPECT_GT((*session)->stats().bytes_received, 4 * kCnnParams);
@@ -284,9 +285,12 @@ TEST_F(NetSessionTest, ManyMessagesArriveInOrderDespiteASlowReader) {
   constexpr int kCount = 200;
   std::atomic<int> written{0};
   for (int i = 0; i < kCount; ++i) {
-    ASSERT_TRUE((*session)->Send(Numbered(i), [&](const Status& s) {
-      if (s.ok()) written.fetch_add(1);
-    }).ok());
+    ASSERT_TRUE((*session)
+                    ->Send(Numbered(i),
+                           [&](const Status& s) {
+                             if (s.ok()) written.fetch_add(1);
+                           })
+                    .ok());
   }
   // The channel pauses reading once its small inbox is full and resumes as we drain it.
   std::this_thread::sleep_for(100ms);
@@ -340,6 +344,83 @@ TEST_F(NetSessionTest, ConcurrentClientsAreServedInParallel) {
     ASSERT_TRUE(closed.has_value());
     EXPECT_TRUE(closed->reason.ok()) << closed->reason.ToString();
   }
+}
+
+TEST_F(NetSessionTest, LargeMessagesFlowBothWaysAtOnce) {
+  // Full duplex: the server echoes activation-sized frames while the client is still sending,
+  // so TLS reads and writes of one session interleave.
+  auto handler = std::make_shared<RecordingHandler>();
+  handler->set_echo(true);
+  auto server = StartServer(handler);
+  ASSERT_NE(server, nullptr);
+  auto channel = Channel::Connect("127.0.0.1", server->port(), pki().Config("client-0"), 5s);
+  ASSERT_TRUE(channel.ok());
+
+  constexpr int kMessages = 12;
+  constexpr size_t kValues = 64 * 32 * 14 * 14;  // a 64-image CNN activation batch
+  std::thread sender([&] {
+    std::vector<float> values(kValues);
+    for (int m = 0; m < kMessages; ++m) {
+      for (size_t i = 0; i < kValues; ++i) values[i] = static_cast<float>(m * 7 + i % 1000);
+      proto::Envelope e;
+      auto* task = e.mutable_evaluate_task();
+      task->set_round(m);
+      task->set_batch_size(64);
+      ASSERT_TRUE(net::EncodeFp32(values, task->mutable_weights()).ok());
+      ASSERT_TRUE((*channel)->Send(std::move(e)).ok());
+    }
+  });
+  std::vector<float> decoded(kValues);
+  for (int m = 0; m < kMessages; ++m) {
+    Result<proto::Envelope> got = (*channel)->Receive(20s);
+    ASSERT_TRUE(got.ok()) << m << ": " << got.status().ToString();
+    EXPECT_EQ(got->evaluate_task().round(), static_cast<uint64_t>(m));
+    ASSERT_TRUE(net::DecodeFp32(got->evaluate_task().weights(), decoded).ok());
+    EXPECT_EQ(decoded[0], static_cast<float>(m * 7));
+    EXPECT_EQ(decoded[kValues - 1], static_cast<float>(m * 7 + (kValues - 1) % 1000));
+  }
+  sender.join();
+}
+
+TEST_F(NetSessionTest, APeerThatStopsReadingIsPushedBackThenDropped) {
+  auto handler = std::make_shared<RecordingHandler>();
+  net::TlsConfig config = pki().ServerConfig();
+  config.write_timeout = 300ms;
+  config.max_frame_bytes = 64 << 10;
+  config.max_send_queue_bytes = 256 << 10;
+  auto server = StartServer(handler, config);
+  ASSERT_NE(server, nullptr);
+
+  // Handshakes, then never reads: TCP buffers fill, then the send queue, then a write stalls.
+  RawTlsOptions options{pki().ca(), pki().cert("client-0"), pki().key("client-0")};
+  auto raw = RawTlsClient::Connect(server->port(), options);
+  ASSERT_TRUE(raw.ok()) << raw.status().ToString();
+  std::optional<net::SessionPtr> session = handler->WaitOpen();
+  ASSERT_TRUE(session.has_value());
+
+  proto::Envelope big;
+  ASSERT_TRUE(net::EncodeFp32(std::vector<float>(15000, 1.0f),
+                              big.mutable_evaluate_task()->mutable_weights())
+                  .ok());
+  big.mutable_evaluate_task()->set_batch_size(1);
+  // Keep offering frames until the session is gone; some must be refused on the way.
+  bool pushed_back = false;
+  const auto give_up = std::chrono::steady_clock::now() + 10s;
+  while (std::chrono::steady_clock::now() < give_up) {
+    Status s = (*session)->Send(big);
+    if (s.code() == Status::Code::kUnavailable) break;  // dropped
+    if (s.code() == Status::Code::kResourceExhausted) {
+      pushed_back = true;
+      std::this_thread::sleep_for(1ms);
+    } else {
+      ASSERT_TRUE(s.ok()) << s.ToString();
+    }
+  }
+  EXPECT_TRUE(pushed_back);
+  std::optional<RecordingHandler::Closed> closed = handler->WaitClosed(10s);
+  ASSERT_TRUE(closed.has_value());
+  EXPECT_EQ(closed->reason.code(), Status::Code::kDeadlineExceeded) << closed->reason.ToString();
+  ExpectServesGoodClient(*server, *handler);
 }
 
 }  // namespace

@@ -175,8 +175,8 @@ TEST_F(NetTlsTest, RefusesPlaintext) {
   // A FedSlice frame without TLS around it.
   std::string frame;
   ASSERT_TRUE(net::EncodeFrame(Stamp(MakeHello("client-0"), 1), 1 << 20, &frame).ok());
-  ASSERT_TRUE((*raw)->Write(std::span(reinterpret_cast<const uint8_t*>(frame.data()),
-                                      frame.size())).ok());
+  ASSERT_TRUE(
+      (*raw)->Write(std::span(reinterpret_cast<const uint8_t*>(frame.data()), frame.size())).ok());
   EXPECT_TRUE((*raw)->WaitForClose().ok());
   ExpectRefusedAtHandshake(*server, *handler, "TLS");
   ExpectServesGoodClient(*server, *handler);
@@ -287,8 +287,7 @@ TEST_F(NetTlsTest, ConnectFailuresAreClear) {
       << channel.status().ToString();
 
   // A listener that never answers the handshake: the timeout ends the attempt.
-  boost::asio::ip::tcp::acceptor silent(
-      io, {boost::asio::ip::make_address("127.0.0.1"), 0});
+  boost::asio::ip::tcp::acceptor silent(io, {boost::asio::ip::make_address("127.0.0.1"), 0});
   net::TlsConfig quick = pki().Config("client-0");
   quick.handshake_timeout = 200ms;
   channel = Channel::Connect("127.0.0.1", silent.local_endpoint().port(), quick, 5s);

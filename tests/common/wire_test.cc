@@ -65,8 +65,8 @@ TEST(WireTest, FrameRoundTripPreservesEveryField) {
 
   size_t consumed = 0;
   proto::ErrorCode code = proto::ERROR_UNSPECIFIED;
-  Result<proto::Envelope> got = DecodeFrame(Bytes(frame + "trailing"), kDefaultMaxFrameBytes,
-                                            &consumed, &code);
+  Result<proto::Envelope> got =
+      DecodeFrame(Bytes(frame + "trailing"), kDefaultMaxFrameBytes, &consumed, &code);
   ASSERT_TRUE(got.ok()) << got.status().ToString();
   EXPECT_EQ(consumed, frame.size());
   EXPECT_EQ(got->SerializeAsString(), sent.SerializeAsString());
@@ -88,7 +88,8 @@ TEST(WireTest, HeaderIsMagicThenBigEndianLength) {
 TEST(WireTest, OversizedLengthIsRejectedFromTheHeaderAlone) {
   // Only the 8 header bytes exist: the check cannot have read (or allocated) a payload.
   std::string header(kFrameHeaderBytes, '\0');
-  WriteFrameHeader(0xFFFFFFFFu, std::span<uint8_t, 8>(reinterpret_cast<uint8_t*>(header.data()), 8));
+  WriteFrameHeader(0xFFFFFFFFu,
+                   std::span<uint8_t, 8>(reinterpret_cast<uint8_t*>(header.data()), 8));
   proto::ErrorCode code = proto::ERROR_UNSPECIFIED;
   Result<FrameHeader> h = ParseFrameHeader(Bytes(header), kDefaultMaxFrameBytes, &code);
   ASSERT_FALSE(h.ok());
@@ -147,8 +148,8 @@ TEST(WireTest, BadMagicAndEmptyPayloadAreCorruption) {
 TEST(WireTest, GarbagePayloadIsCorruption) {
   // 0xff starts a tag with wire type 7, which does not exist: never a valid Envelope.
   proto::ErrorCode code = proto::ERROR_UNSPECIFIED;
-  Result<proto::Envelope> e = DecodeFrame(Bytes(RawFrame(std::string(64, '\xff'))),
-                                          kDefaultMaxFrameBytes, nullptr, &code);
+  Result<proto::Envelope> e =
+      DecodeFrame(Bytes(RawFrame(std::string(64, '\xff'))), kDefaultMaxFrameBytes, nullptr, &code);
   EXPECT_EQ(e.status().code(), Status::Code::kCorruption);
   EXPECT_NE(e.status().message().find("not a valid Envelope"), std::string::npos);
   EXPECT_EQ(code, proto::ERROR_MALFORMED_FRAME);
@@ -176,7 +177,7 @@ TEST(WireTest, EmptyBodyAndUnknownBodyAreTold) {
   // A body type from a newer minor version: field 45, length-delimited, empty.
   std::string payload = Stamped(proto::Envelope()).SerializeAsString();
   payload += "\xea\x02";  // varint of tag (45 << 3) | 2 = 362
-  payload += '\0';         // length 0
+  payload += '\0';        // length 0
   got = DecodeFrame(Bytes(RawFrame(payload)), kDefaultMaxFrameBytes, nullptr, &code);
   EXPECT_EQ(got.status().code(), Status::Code::kInvalidArgument);
   EXPECT_NE(got.status().message().find("unsupported message type (field 45)"), std::string::npos)

@@ -1,15 +1,15 @@
 #include "testing/net_test_util.h"
 
-#include <array>
-#include <cstdio>
-#include <fstream>
+#include <openssl/ssl.h>
 
+#include <array>
 #include <boost/asio/connect.hpp>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/read.hpp>
 #include <boost/asio/ssl.hpp>
 #include <boost/asio/write.hpp>
-#include <openssl/ssl.h>
+#include <cstdio>
+#include <fstream>
 
 #include "fedslice/common/net/wire.h"
 #include "testing/test_util.h"
@@ -49,20 +49,22 @@ Result<TestPki> TestPki::Create(const std::filesystem::path& dir, int num_client
   }
   const std::string ec = "-newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes";
   // A second CA, unrelated to the run's, and a client-0 certificate it signed.
-  FEDSLICE_RETURN_IF_ERROR(RunCommand(
-      "cd " + d + " && openssl req -x509 " + ec +
-      " -keyout other_ca.key -out other_ca.pem -days 30 -subj '/CN=Other CA'"
-      " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign"
-      " && openssl req " + ec + " -keyout other_client.key -out other_client.csr"
-      " -subj '/CN=client-0'"
-      " && openssl x509 -req -in other_client.csr -CA other_ca.pem -CAkey other_ca.key"
-      " -set_serial 7 -days 30 -extfile leaf.ext -out other_client.pem"));
+  FEDSLICE_RETURN_IF_ERROR(
+      RunCommand("cd " + d + " && openssl req -x509 " + ec +
+                 " -keyout other_ca.key -out other_ca.pem -days 30 -subj '/CN=Other CA'"
+                 " -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign"
+                 " && openssl req " +
+                 ec +
+                 " -keyout other_client.key -out other_client.csr"
+                 " -subj '/CN=client-0'"
+                 " && openssl x509 -req -in other_client.csr -CA other_ca.pem -CAkey other_ca.key"
+                 " -set_serial 7 -days 30 -extfile leaf.ext -out other_client.pem"));
   // A self-signed certificate claiming to be client-0.
-  FEDSLICE_RETURN_IF_ERROR(RunCommand(
-      "cd " + d + " && openssl req -x509 " + ec +
-      " -keyout self_signed.key -out self_signed.pem -days 30 -subj '/CN=client-0'"
-      " -addext subjectAltName=DNS:client-0,DNS:localhost,IP:127.0.0.1"
-      " -addext extendedKeyUsage=serverAuth,clientAuth"));
+  FEDSLICE_RETURN_IF_ERROR(
+      RunCommand("cd " + d + " && openssl req -x509 " + ec +
+                 " -keyout self_signed.key -out self_signed.pem -days 30 -subj '/CN=client-0'"
+                 " -addext subjectAltName=DNS:client-0,DNS:localhost,IP:127.0.0.1"
+                 " -addext extendedKeyUsage=serverAuth,clientAuth"));
   return pki;
 }
 
@@ -211,8 +213,8 @@ RawTlsClient::RawTlsClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) 
 RawTlsClient::~RawTlsClient() = default;
 
 Result<std::unique_ptr<RawTlsClient>> RawTlsClient::Connect(uint16_t port,
-                                                           const RawTlsOptions& options,
-                                                           std::chrono::milliseconds timeout) {
+                                                            const RawTlsOptions& options,
+                                                            std::chrono::milliseconds timeout) {
   auto impl = std::make_unique<Impl>();
   error_code ec;
   if (!options.ca_file.empty()) {

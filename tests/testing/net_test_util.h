@@ -4,6 +4,8 @@
 // with peers that do not follow the protocol.
 #pragma once
 
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -16,9 +18,6 @@
 #include <string>
 #include <thread>
 #include <vector>
-
-#include <boost/asio/executor_work_guard.hpp>
-#include <boost/asio/io_context.hpp>
 
 #include "fedslice/common/net/session.h"
 #include "fedslice/common/net/tls.h"
@@ -136,8 +135,7 @@ class RawTlsClient {
   // Frames `envelope` as is (no version or seq filled in, no validation).
   Status WriteEnvelope(const proto::Envelope& envelope, std::chrono::milliseconds timeout = 5s);
   // Next whole frame, parsed without validation; Heartbeats skipped if `skip_heartbeats`.
-  Result<proto::Envelope> Read(std::chrono::milliseconds timeout = 5s,
-                               bool skip_heartbeats = true);
+  Result<proto::Envelope> Read(std::chrono::milliseconds timeout = 5s, bool skip_heartbeats = true);
   // OK once the server has closed the connection (after any frames it sent first, which are
   // discarded), kDeadlineExceeded if it is still open after `timeout`.
   Status WaitForClose(std::chrono::milliseconds timeout = 5s);

@@ -1,6 +1,9 @@
 #include "fedslice/common/net/client.h"
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
+#include <boost/asio/executor_work_guard.hpp>
 #include <condition_variable>
 #include <deque>
 #include <exception>
@@ -9,9 +12,6 @@
 #include <optional>
 #include <thread>
 #include <utility>
-
-#include <boost/asio/executor_work_guard.hpp>
-#include <spdlog/spdlog.h>
 
 #include "net/session_impl.h"
 #include "net/tls_internal.h"
@@ -98,8 +98,7 @@ struct Channel::State final : SessionHandler {
     work.reset();
     if (thread.joinable()) {
       // Everything pending is bounded by timers; stop() only matters if that bound failed.
-      if (!WaitClosed(config.write_timeout + config.shutdown_timeout +
-                      std::chrono::seconds(1))) {
+      if (!WaitClosed(config.write_timeout + config.shutdown_timeout + std::chrono::seconds(1))) {
         io.stop();
       }
       thread.join();
@@ -126,8 +125,9 @@ Result<std::unique_ptr<Channel>> Channel::Connect(const std::string& host, uint1
 
   auto promise = std::make_shared<std::promise<Result<SessionPtr>>>();
   auto future = promise->get_future();
-  auto session = AsyncConnect(state->io, host, port, state->config, options, state,
-                              [promise](Result<SessionPtr> r) { promise->set_value(std::move(r)); });
+  auto session =
+      AsyncConnect(state->io, host, port, state->config, options, state,
+                   [promise](Result<SessionPtr> r) { promise->set_value(std::move(r)); });
   if (!session.ok()) return session.status();
   state->session = *session;
   state->StartThread();
@@ -162,11 +162,11 @@ Status Channel::Send(proto::Envelope envelope) {
       std::move(envelope), [promise](const Status& s) { promise->set_value(s); }));
   // The callback comes within write_timeout, or when the session closes; the bound only
   // guards against an I/O thread that was stopped by force.
-  const auto bound = state_->config.write_timeout + state_->config.shutdown_timeout +
-                     std::chrono::seconds(2);
+  const auto bound =
+      state_->config.write_timeout + state_->config.shutdown_timeout + std::chrono::seconds(2);
   if (future.wait_for(bound) != std::future_status::ready) {
-    return Status::DeadlineExceeded("send not completed within " +
-                                    std::to_string(bound.count()) + " ms");
+    return Status::DeadlineExceeded("send not completed within " + std::to_string(bound.count()) +
+                                    " ms");
   }
   return future.get();
 }

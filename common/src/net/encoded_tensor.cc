@@ -119,8 +119,7 @@ Status DecodeFp32(const proto::EncodedTensor& tensor, std::span<float> out) {
   }
   if (const size_t bad = FindNonFinite(out); bad != out.size()) {
     return Status::InvalidArgument("fp32 tensor holds a non-finite value (" +
-                                   std::to_string(out[bad]) + ") at index " +
-                                   std::to_string(bad));
+                                   std::to_string(out[bad]) + ") at index " + std::to_string(bad));
   }
   return Status::Ok();
 }

@@ -1,15 +1,15 @@
 #include "fedslice/common/net/server.h"
 
-#include <atomic>
-#include <mutex>
-#include <unordered_map>
-#include <utility>
+#include <spdlog/spdlog.h>
 
+#include <atomic>
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/strand.hpp>
-#include <spdlog/spdlog.h>
+#include <mutex>
+#include <unordered_map>
+#include <utility>
 
 #include "net/session_impl.h"
 #include "net/tls_internal.h"
@@ -86,8 +86,8 @@ struct Server::Impl final : internal::SessionOwner, std::enable_shared_from_this
         rejected.fetch_add(1);
         socket.close(ignored);
       } else {
-        session = std::make_shared<SessionImpl>(std::move(socket), ctx, tls, handler,
-                                                weak_from_this());
+        session =
+            std::make_shared<SessionImpl>(std::move(socket), ctx, tls, handler, weak_from_this());
         all.emplace(session->id(), session);
       }
     }
@@ -105,8 +105,7 @@ struct Server::Impl final : internal::SessionOwner, std::enable_shared_from_this
         return Status::Unavailable("server is shutting down");
       }
       auto it = by_identity.find(session->peer_identity());
-      std::shared_ptr<SessionImpl> existing =
-          it == by_identity.end() ? nullptr : it->second.lock();
+      std::shared_ptr<SessionImpl> existing = it == by_identity.end() ? nullptr : it->second.lock();
       if (existing) {
         if (options.duplicate_policy == DuplicatePolicy::kRejectNew) {
           *reason = proto::REJECT_DUPLICATE_IDENTITY;
@@ -181,8 +180,7 @@ struct Server::Impl final : internal::SessionOwner, std::enable_shared_from_this
   std::unordered_map<uint64_t, std::weak_ptr<SessionImpl>> all;  // handshaking or open
   std::unordered_map<std::string, std::weak_ptr<SessionImpl>> by_identity;
 
-  std::atomic<uint64_t> accepted{0}, handshake_failures{0}, rejected{0}, opened_count{0},
-      closed{0};
+  std::atomic<uint64_t> accepted{0}, handshake_failures{0}, rejected{0}, opened_count{0}, closed{0};
 };
 
 Result<std::unique_ptr<Server>> Server::Start(asio::io_context& io, const TlsConfig& tls,

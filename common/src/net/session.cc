@@ -1,6 +1,6 @@
-#include <exception>
-#include <new>
-#include <utility>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <spdlog/spdlog.h>
 
 #include <boost/asio/connect.hpp>
 #include <boost/asio/post.hpp>
@@ -8,9 +8,9 @@
 #include <boost/asio/ssl/error.hpp>
 #include <boost/asio/strand.hpp>
 #include <boost/asio/write.hpp>
-#include <openssl/ssl.h>
-#include <openssl/x509v3.h>
-#include <spdlog/spdlog.h>
+#include <exception>
+#include <new>
+#include <utility>
 
 #include "fedslice/common/net/wire.h"
 #include "net/session_impl.h"
@@ -154,10 +154,9 @@ Status SessionImpl::Enqueue(proto::Envelope envelope, SendCallback on_sent, bool
     if (!valid.ok()) return valid.WithContext("refusing to send " + BodyName(envelope));
     const size_t payload = envelope.ByteSizeLong();
     if (payload > config_.max_frame_bytes) {
-      return Status::ResourceExhausted(BodyName(envelope) + " serializes to " +
-                                       std::to_string(payload) +
-                                       " bytes, above the frame limit of " +
-                                       std::to_string(config_.max_frame_bytes) + " bytes");
+      return Status::ResourceExhausted(
+          BodyName(envelope) + " serializes to " + std::to_string(payload) +
+          " bytes, above the frame limit of " + std::to_string(config_.max_frame_bytes) + " bytes");
     }
     const size_t size = kFrameHeaderBytes + payload;
     if (!queue_.empty() && queued_bytes_ + size > config_.max_send_queue_bytes) {
@@ -216,10 +215,9 @@ void SessionImpl::WriteNext() {
   write_timer_.expires_after(config_.write_timeout);
   write_timer_.async_wait([self = shared_from_this(), gen](const error_code& ec) {
     if (ec || gen != self->write_gen_) return;
-    self->Fail(Status::DeadlineExceeded("writing a frame of " +
-                                        std::to_string(self->current_.frame.size) +
-                                        " bytes took longer than " +
-                                        Ms(self->config_.write_timeout)));
+    self->Fail(
+        Status::DeadlineExceeded("writing a frame of " + std::to_string(self->current_.frame.size) +
+                                 " bytes took longer than " + Ms(self->config_.write_timeout)));
   });
   tls_.AsyncWrite(current_.frame.data.get(), current_.frame.size,
                   [self = shared_from_this()](const error_code& ec) { self->OnWrite(ec); });
@@ -250,8 +248,7 @@ void SessionImpl::OnWrite(const error_code& ec) {
 // ---------------------------------------------------------------------------------------------
 // Reading
 
-void SessionImpl::ArmReadTimer(std::chrono::milliseconds timeout, Status on_expiry,
-                               bool graceful) {
+void SessionImpl::ArmReadTimer(std::chrono::milliseconds timeout, Status on_expiry, bool graceful) {
   const uint64_t gen = ++read_gen_;
   read_timer_.expires_after(timeout);
   read_timer_.async_wait([self = shared_from_this(), gen, on_expiry = std::move(on_expiry),
@@ -275,10 +272,10 @@ void SessionImpl::StartRead() {
                                           Ms(config_.handshake_timeout)),
                  /*graceful=*/false);
   } else {
-    ArmReadTimer(config_.idle_timeout,
-                 Status::DeadlineExceeded("nothing heard from the peer for " +
-                                          Ms(config_.idle_timeout)),
-                 /*graceful=*/true);
+    ArmReadTimer(
+        config_.idle_timeout,
+        Status::DeadlineExceeded("nothing heard from the peer for " + Ms(config_.idle_timeout)),
+        /*graceful=*/true);
   }
   tls_.AsyncRead(header_.data(), header_.size(),
                  [self = shared_from_this()](const error_code& ec) { self->OnHeader(ec); });
@@ -317,8 +314,7 @@ void SessionImpl::OnHeader(const error_code& ec) {
   reading_ = true;
   ArmReadTimer(config_.read_timeout,
                Status::DeadlineExceeded("a frame of " + std::to_string(body_size_) +
-                                        " bytes did not arrive within " +
-                                        Ms(config_.read_timeout)),
+                                        " bytes did not arrive within " + Ms(config_.read_timeout)),
                /*graceful=*/true);
   tls_.AsyncRead(body_.get(), body_size_,
                  [self = shared_from_this()](const error_code& ec) { self->OnBody(ec); });
@@ -365,10 +361,10 @@ void SessionImpl::OnBody(const error_code& ec) {
     return;
   }
   if (envelope.seq() <= last_received_seq_) {
-    ProtocolError(Status::InvalidArgument("seq " + std::to_string(envelope.seq()) +
-                                          " does not follow seq " +
-                                          std::to_string(last_received_seq_)),
-                  proto::ERROR_INVALID_MESSAGE, envelope.seq(), /*fatal=*/false);
+    ProtocolError(
+        Status::InvalidArgument("seq " + std::to_string(envelope.seq()) + " does not follow seq " +
+                                std::to_string(last_received_seq_)),
+        proto::ERROR_INVALID_MESSAGE, envelope.seq(), /*fatal=*/false);
     StartRead();
     return;
   }
@@ -399,8 +395,8 @@ void SessionImpl::OnReadError(const error_code& ec) {
   if (state_ == State::kGreeting && ec.category() == asio::error::get_ssl_category()) {
     // TLS 1.3 completes the client's side of the handshake before the server has checked
     // the client certificate; a refusal arrives here as an alert instead of the greeting.
-    Fail(Status::PermissionDenied("server at " + target_ + " refused the TLS session: " +
-                                  DescribeError(ec)));
+    Fail(Status::PermissionDenied("server at " + target_ +
+                                  " refused the TLS session: " + DescribeError(ec)));
     return;
   }
   Fail(Status::Unavailable("reading from " + Describe() + ": " + DescribeError(ec)));
@@ -412,9 +408,9 @@ void SessionImpl::Dispatch(proto::Envelope envelope) {
       const auto& r = envelope.reject();
       // Not opened: a graceful close without Bye; Finish reports this to the connector.
       state_ = State::kOpen;
-      BeginClose(Status::PermissionDenied("server at " + target_ + " rejected us: " +
-                                          proto::RejectReason_Name(r.reason()) + ": " +
-                                          r.message()),
+      BeginClose(Status::PermissionDenied("server at " + target_ +
+                                          " rejected us: " + proto::RejectReason_Name(r.reason()) +
+                                          ": " + r.message()),
                  std::nullopt);
       return;
     }
@@ -427,11 +423,11 @@ void SessionImpl::Dispatch(proto::Envelope envelope) {
       return;  // its arrival already restarted the idle timeout
     case proto::Envelope::kBye: {
       const auto& bye = envelope.bye();
-      bye_status_ = bye.reason() == proto::BYE_NORMAL
-                        ? Status::Ok()
-                        : Status::Unavailable("peer said bye: " +
-                                              proto::ByeReason_Name(bye.reason()) + ": " +
-                                              bye.message());
+      bye_status_ =
+          bye.reason() == proto::BYE_NORMAL
+              ? Status::Ok()
+              : Status::Unavailable("peer said bye: " + proto::ByeReason_Name(bye.reason()) + ": " +
+                                    bye.message());
       break;
     }
     default:
@@ -483,8 +479,8 @@ int SessionExIndex() {
 }  // namespace
 
 int SessionImpl::VerifyTrampoline(int preverified, X509_STORE_CTX* store) {
-  SSL* ssl = static_cast<SSL*>(
-      X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx()));
+  SSL* ssl =
+      static_cast<SSL*>(X509_STORE_CTX_get_ex_data(store, SSL_get_ex_data_X509_STORE_CTX_idx()));
   auto* self = ssl ? static_cast<SessionImpl*>(SSL_get_ex_data(ssl, SessionExIndex())) : nullptr;
   // Runs inside the handshake, on the strand; remembers why verification failed so that the
   // log says "unable to get local issuer certificate", not just "handshake failed".
@@ -530,8 +526,8 @@ void SessionImpl::StartServer() {
   });
 }
 
-void SessionImpl::StartClient(const std::string& host, uint16_t port,
-                              const ConnectOptions& options, ConnectCallback done) {
+void SessionImpl::StartClient(const std::string& host, uint16_t port, const ConnectOptions& options,
+                              ConnectCallback done) {
   target_ = host + ":" + std::to_string(port);
   connect_options_ = options;
   connect_done_ = std::move(done);
@@ -559,11 +555,11 @@ void SessionImpl::StartClient(const std::string& host, uint16_t port,
       return;
     }
     self->SetVerifyCallback();
-    self->ArmReadTimer(self->config_.connect_timeout,
-                       Status::DeadlineExceeded("connecting to " + self->target_ +
-                                                " took longer than " +
-                                                Ms(self->config_.connect_timeout)),
-                       /*graceful=*/false);
+    self->ArmReadTimer(
+        self->config_.connect_timeout,
+        Status::DeadlineExceeded("connecting to " + self->target_ + " took longer than " +
+                                 Ms(self->config_.connect_timeout)),
+        /*graceful=*/false);
     self->resolver_.emplace(self->strand_);
     self->resolver_->async_resolve(
         host, std::to_string(port),
@@ -574,12 +570,11 @@ void SessionImpl::StartClient(const std::string& host, uint16_t port,
             return;
           }
           asio::async_connect(
-              self->socket_, results,
-              [self](const error_code& ec, const tcp::endpoint& endpoint) {
+              self->socket_, results, [self](const error_code& ec, const tcp::endpoint& endpoint) {
                 if (self->state_ != State::kConnecting) return;
                 if (ec) {
-                  self->Fail(Status::Unavailable("connecting to " + self->target_ + ": " +
-                                                 ec.message()));
+                  self->Fail(
+                      Status::Unavailable("connecting to " + self->target_ + ": " + ec.message()));
                   return;
                 }
                 self->remote_address_ = EndpointString(endpoint);
@@ -587,10 +582,9 @@ void SessionImpl::StartClient(const std::string& host, uint16_t port,
                 self->socket_.set_option(tcp::no_delay(true), ignored);
                 self->state_ = State::kHandshaking;
                 self->ArmReadTimer(self->config_.handshake_timeout,
-                                   Status::DeadlineExceeded(
-                                       "TLS handshake with " + self->target_ +
-                                       " not completed within " +
-                                       Ms(self->config_.handshake_timeout)),
+                                   Status::DeadlineExceeded("TLS handshake with " + self->target_ +
+                                                            " not completed within " +
+                                                            Ms(self->config_.handshake_timeout)),
                                    /*graceful=*/false);
                 self->tls_.AsyncHandshake(
                     /*server=*/false, [self](const error_code& ec) { self->OnHandshake(ec); });
@@ -607,7 +601,7 @@ void SessionImpl::OnHandshake(const error_code& ec) {
     std::string why = DescribeError(ec);
     if (!verify_error_.empty()) why += ": " + verify_error_;
     const std::string what = role_ == Role::kServer ? "TLS handshake with " + remote_address_
-                                                     : "TLS handshake with " + target_;
+                                                    : "TLS handshake with " + target_;
     // A certificate problem is a refusal; anything else (plaintext peer, reset) unavailability.
     Fail(!verify_error_.empty() ? Status::PermissionDenied(what + " refused: " + why)
                                 : Status::Unavailable(what + " failed: " + why));
@@ -625,8 +619,8 @@ void SessionImpl::OnHandshake(const error_code& ec) {
   if (role_ == Role::kClient) {
     if (!connect_options_.expected_identity.empty() &&
         identity_ != connect_options_.expected_identity) {
-      Fail(Status::PermissionDenied("server at " + target_ + " is '" + identity_ +
-                                    "', expected '" + connect_options_.expected_identity + "'"));
+      Fail(Status::PermissionDenied("server at " + target_ + " is '" + identity_ + "', expected '" +
+                                    connect_options_.expected_identity + "'"));
       return;
     }
     state_ = State::kGreeting;
@@ -776,8 +770,7 @@ void SessionImpl::ContinueClose() {
     close_timer_.expires_after(config_.shutdown_timeout);
     close_timer_.async_wait([self = shared_from_this()](const error_code& ec) {
       if (ec || self->state_ == State::kClosed) return;
-      spdlog::debug("net: {}: no close_notify from the peer; closing the socket",
-                    self->Describe());
+      spdlog::debug("net: {}: no close_notify from the peer; closing the socket", self->Describe());
       self->Finish();
     });
     tls_.AsyncCloseNotify([self = shared_from_this()](const error_code& ec) {
@@ -871,8 +864,9 @@ void SessionImpl::Finish() {
   if (connect_done_) {
     ConnectCallback done = std::move(connect_done_);
     connect_done_ = nullptr;
-    done(close_reason_.ok() ? Status::Aborted("connection to " + target_ + " closed before it opened")
-                            : close_reason_);
+    done(close_reason_.ok()
+             ? Status::Aborted("connection to " + target_ + " closed before it opened")
+             : close_reason_);
   }
 }
 

@@ -8,6 +8,10 @@
 
 #include <array>
 #include <atomic>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/ssl/context.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <chrono>
 #include <cstdint>
 #include <deque>
@@ -16,11 +20,6 @@
 #include <optional>
 #include <string>
 #include <vector>
-
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/asio/ssl/context.hpp>
-#include <boost/asio/steady_timer.hpp>
 
 #include "fedslice/common/net/client.h"
 #include "fedslice/common/net/session.h"
@@ -101,8 +100,7 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   void OnBody(const boost::system::error_code& ec);
   void OnReadError(const boost::system::error_code& ec);
   void Dispatch(proto::Envelope envelope);
-  void ProtocolError(const Status& status, proto::ErrorCode code, uint64_t in_reply_to,
-                     bool fatal);
+  void ProtocolError(const Status& status, proto::ErrorCode code, uint64_t in_reply_to, bool fatal);
   void OnHandshake(const boost::system::error_code& ec);
   void Open();
   void ArmHeartbeat(Clock::duration delay);
@@ -184,8 +182,8 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
   std::vector<FrameBuffer> spare_frames_;
 
   std::atomic<bool> open_{false};
-  std::atomic<uint64_t> bytes_sent_{0}, bytes_received_{0}, frames_sent_{0},
-      frames_received_{0}, bad_total_{0};
+  std::atomic<uint64_t> bytes_sent_{0}, bytes_received_{0}, frames_sent_{0}, frames_received_{0},
+      bad_total_{0};
 };
 
 }  // namespace fedslice::net::internal

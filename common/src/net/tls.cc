@@ -1,17 +1,17 @@
 #include "fedslice/common/net/tls.h"
 
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+#include <boost/asio/error.hpp>
+#include <boost/asio/ssl/error.hpp>
 #include <cctype>
 #include <cstdio>
 #include <exception>
 #include <filesystem>
 #include <memory>
-
-#include <boost/asio/error.hpp>
-#include <boost/asio/ssl/error.hpp>
-#include <openssl/err.h>
-#include <openssl/pem.h>
-#include <openssl/ssl.h>
-#include <openssl/x509v3.h>
 
 #include "net/tls_internal.h"
 
@@ -65,13 +65,12 @@ Status TlsConfig::Validate() const {
   if (cert_file.empty()) return Status::InvalidArgument("TLS: no certificate file given");
   if (key_file.empty()) return Status::InvalidArgument("TLS: no private key file given");
   using std::chrono::milliseconds;
-  for (auto [value, name] : {std::pair{connect_timeout, "connect_timeout"},
-                             std::pair{handshake_timeout, "handshake_timeout"},
-                             std::pair{read_timeout, "read_timeout"},
-                             std::pair{write_timeout, "write_timeout"},
-                             std::pair{idle_timeout, "idle_timeout"},
-                             std::pair{heartbeat_interval, "heartbeat_interval"},
-                             std::pair{shutdown_timeout, "shutdown_timeout"}}) {
+  for (auto [value, name] :
+       {std::pair{connect_timeout, "connect_timeout"},
+        std::pair{handshake_timeout, "handshake_timeout"}, std::pair{read_timeout, "read_timeout"},
+        std::pair{write_timeout, "write_timeout"}, std::pair{idle_timeout, "idle_timeout"},
+        std::pair{heartbeat_interval, "heartbeat_interval"},
+        std::pair{shutdown_timeout, "shutdown_timeout"}}) {
     if (value <= milliseconds::zero()) {
       return Status::InvalidArgument(std::string("TLS: ") + name + " must be positive");
     }
@@ -101,8 +100,8 @@ Result<std::string> CertificateIdentity(const std::string& pem_file) {
   std::unique_ptr<X509, decltype(&X509_free)> cert(
       PEM_read_bio_X509(bio.get(), nullptr, nullptr, nullptr), &X509_free);
   if (!cert) {
-    return Status::InvalidArgument("'" + pem_file + "' holds no PEM certificate: " +
-                                   OpenSslErrors());
+    return Status::InvalidArgument("'" + pem_file +
+                                   "' holds no PEM certificate: " + OpenSslErrors());
   }
   std::string id = internal::IdentityOf(cert.get());
   if (id.empty()) {
@@ -123,8 +122,8 @@ std::string IdentityOf(X509* cert) {
       return UsableIdentity(cn) ? cn : std::string();
     }
   }
-  auto* names = static_cast<GENERAL_NAMES*>(
-      X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
+  auto* names =
+      static_cast<GENERAL_NAMES*>(X509_get_ext_d2i(cert, NID_subject_alt_name, nullptr, nullptr));
   std::string dns;
   if (names != nullptr) {
     for (int i = 0; i < sk_GENERAL_NAME_num(names); ++i) {
@@ -172,8 +171,8 @@ Result<std::shared_ptr<boost::asio::ssl::context>> MakeTlsContext(const TlsConfi
   ctx->set_options(ssl::context::default_workarounds | ssl::context::no_compression |
                        ssl::context::single_dh_use,
                    ec);
-  if (SSL_CTX_set_min_proto_version(native, config.allow_tls12 ? TLS1_2_VERSION
-                                                               : TLS1_3_VERSION) != 1) {
+  if (SSL_CTX_set_min_proto_version(native, config.allow_tls12 ? TLS1_2_VERSION : TLS1_3_VERSION) !=
+      1) {
     return Status::Internal("TLS: cannot set the minimum protocol version: " + OpenSslErrors());
   }
   if (config.allow_tls12 &&
@@ -182,8 +181,9 @@ Result<std::shared_ptr<boost::asio::ssl::context>> MakeTlsContext(const TlsConfi
   }
   // AES-128-GCM first: as secure for our purpose and ~30% cheaper per byte than AES-256,
   // which matters for model- and activation-sized frames.
-  if (SSL_CTX_set_ciphersuites(native, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:"
-                                       "TLS_CHACHA20_POLY1305_SHA256") != 1) {
+  if (SSL_CTX_set_ciphersuites(native,
+                               "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:"
+                               "TLS_CHACHA20_POLY1305_SHA256") != 1) {
     return Status::Internal("TLS: cannot set TLS 1.3 cipher suites: " + OpenSslErrors());
   }
   // Only the run's CA is trusted; the system store is never loaded.

@@ -1,16 +1,16 @@
 #include "net/tls_channel.h"
 
+#include <openssl/bio.h>
+#include <openssl/err.h>
+
 #include <algorithm>
+#include <boost/asio/post.hpp>
+#include <boost/asio/ssl/error.hpp>
+#include <boost/asio/write.hpp>
 #include <cstring>
 #include <exception>
 #include <new>
 #include <utility>
-
-#include <boost/asio/post.hpp>
-#include <boost/asio/ssl/error.hpp>
-#include <boost/asio/write.hpp>
-#include <openssl/bio.h>
-#include <openssl/err.h>
 
 namespace fedslice::net::internal {
 
@@ -168,22 +168,22 @@ void TlsChannel::StartFlush() {
   sending_.swap(out_);
   out_.clear();
   // Everything the waiters were waiting for is in this batch.
-  asio::async_write(socket_, asio::buffer(sending_),
-                    [this, keep = Keep(), waiters = std::move(waiters)](const error_code& ec,
-                                                                        size_t) mutable {
-                      sending_.clear();
-                      if (ec) {
-                        write_error_ = ec;
-                        flushing_ = false;
-                        std::vector<Handler> rest = std::move(flush_waiters_);
-                        flush_waiters_.clear();
-                        for (Handler& w : waiters) w(ec);
-                        for (Handler& w : rest) w(ec);
-                        return;
-                      }
-                      StartFlush();  // what OpenSSL produced meanwhile, if anything
-                      for (Handler& w : waiters) w({});
-                    });
+  asio::async_write(
+      socket_, asio::buffer(sending_),
+      [this, keep = Keep(), waiters = std::move(waiters)](const error_code& ec, size_t) mutable {
+        sending_.clear();
+        if (ec) {
+          write_error_ = ec;
+          flushing_ = false;
+          std::vector<Handler> rest = std::move(flush_waiters_);
+          flush_waiters_.clear();
+          for (Handler& w : waiters) w(ec);
+          for (Handler& w : rest) w(ec);
+          return;
+        }
+        StartFlush();  // what OpenSSL produced meanwhile, if anything
+        for (Handler& w : waiters) w({});
+      });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -192,21 +192,21 @@ void TlsChannel::StartFlush() {
 void TlsChannel::FillInput(Handler next) {
   in_pos_ = 0;
   in_end_ = 0;
-  socket_.async_read_some(asio::buffer(in_.get(), kInputBytes),
-                          [this, keep = Keep(), next = std::move(next)](const error_code& ec,
-                                                                        size_t n) {
-                            if (ec == asio::error::eof) {
-                              in_eof_ = true;  // OpenSSL decides if that was clean
-                              next({});
-                              return;
-                            }
-                            if (ec) {
-                              next(ec);
-                              return;
-                            }
-                            in_end_ = n;
-                            next({});
-                          });
+  socket_.async_read_some(
+      asio::buffer(in_.get(), kInputBytes),
+      [this, keep = Keep(), next = std::move(next)](const error_code& ec, size_t n) {
+        if (ec == asio::error::eof) {
+          in_eof_ = true;  // OpenSSL decides if that was clean
+          next({});
+          return;
+        }
+        if (ec) {
+          next(ec);
+          return;
+        }
+        in_end_ = n;
+        next({});
+      });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -19,15 +19,15 @@
 // asio::error::eof, a connection cut without one as asio::ssl::error::stream_truncated.
 #pragma once
 
+#include <openssl/ssl.h>
+
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/system/error_code.hpp>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <vector>
-
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/system/error_code.hpp>
-#include <openssl/ssl.h>
 
 #include "fedslice/common/status.h"
 
@@ -39,9 +39,9 @@ class TlsChannel {
 
   // Plaintext bytes encrypted per async_write; big enough to amortise the system call, small
   // enough that the receiver starts decrypting early.
-  static constexpr size_t kWriteChunk = size_t{256} << 10;
+  static constexpr size_t kWriteChunk = size_t{128} << 10;
   // Ciphertext read from the socket per system call, at most.
-  static constexpr size_t kInputBytes = size_t{256} << 10;
+  static constexpr size_t kInputBytes = size_t{128} << 10;
 
   // `socket` is owned by the caller and must outlive this object.
   explicit TlsChannel(boost::asio::ip::tcp::socket& socket);

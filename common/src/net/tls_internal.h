@@ -1,12 +1,12 @@
 // TLS context construction and certificate helpers shared by the server and the client.
 #pragma once
 
-#include <memory>
-#include <string>
+#include <openssl/x509.h>
 
 #include <boost/asio/ssl/context.hpp>
 #include <boost/system/error_code.hpp>
-#include <openssl/x509.h>
+#include <memory>
+#include <string>
 
 #include "fedslice/common/net/tls.h"
 #include "fedslice/common/status.h"

@@ -1,5 +1,7 @@
 #include "fedslice/common/net/wire.h"
 
+#include <google/protobuf/unknown_field_set.h>
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -7,8 +9,6 @@
 #include <cstring>
 #include <exception>
 #include <limits>
-
-#include <google/protobuf/unknown_field_set.h>
 
 #include "fedslice/common/net/encoded_tensor.h"
 
@@ -27,8 +27,8 @@ Status Invalid(proto::ErrorCode* code, std::string message) {
 
 Status CheckString(const std::string& s, std::string_view field, proto::ErrorCode* code) {
   if (s.size() > kMaxStringBytes) {
-    return Invalid(code, std::string(field) + " is " + std::to_string(s.size()) +
-                             " bytes, limit " + std::to_string(kMaxStringBytes));
+    return Invalid(code, std::string(field) + " is " + std::to_string(s.size()) + " bytes, limit " +
+                             std::to_string(kMaxStringBytes));
   }
   return Status::Ok();
 }
@@ -37,8 +37,9 @@ Status CheckString(const std::string& s, std::string_view field, proto::ErrorCod
 Status CheckNumber(double v, std::string_view field, proto::ErrorCode* code, double lo = 0.0,
                    double hi = std::numeric_limits<double>::max()) {
   if (!std::isfinite(v) || v < lo || v > hi) {
-    return Invalid(code, std::string(field) + " = " + std::to_string(v) + " is not finite or not in [" +
-                             std::to_string(lo) + ", " + std::to_string(hi) + "]");
+    return Invalid(code, std::string(field) + " = " + std::to_string(v) +
+                             " is not finite or not in [" + std::to_string(lo) + ", " +
+                             std::to_string(hi) + "]");
   }
   return Status::Ok();
 }
@@ -85,10 +86,10 @@ Status ValidateBody(const proto::Envelope& e, proto::ErrorCode* code) {
       FEDSLICE_RETURN_IF_ERROR(CheckString(p.device_name(), "hello.profile.device_name", code));
       for (const auto& t : p.layer_timings()) {
         FEDSLICE_RETURN_IF_ERROR(CheckString(t.layer_name(), "hello.profile.layer_name", code));
-        FEDSLICE_RETURN_IF_ERROR(CheckNumber(t.forward_ms_per_sample(),
-                                             "hello.profile.forward_ms_per_sample", code));
-        FEDSLICE_RETURN_IF_ERROR(CheckNumber(t.backward_ms_per_sample(),
-                                             "hello.profile.backward_ms_per_sample", code));
+        FEDSLICE_RETURN_IF_ERROR(
+            CheckNumber(t.forward_ms_per_sample(), "hello.profile.forward_ms_per_sample", code));
+        FEDSLICE_RETURN_IF_ERROR(
+            CheckNumber(t.backward_ms_per_sample(), "hello.profile.backward_ms_per_sample", code));
       }
       return Status::Ok();
     }
@@ -151,8 +152,8 @@ Status ValidateBody(const proto::Envelope& e, proto::ErrorCode* code) {
   if (const int field = UnknownBodyField(e); field != 0) {
     SetCode(code, proto::ERROR_UNSUPPORTED_MESSAGE);
     return Status::InvalidArgument("unsupported message type (field " + std::to_string(field) +
-                                   ") from protocol " + std::to_string(e.protocol_major()) +
-                                   "." + std::to_string(e.protocol_minor()) + "; this peer speaks " +
+                                   ") from protocol " + std::to_string(e.protocol_major()) + "." +
+                                   std::to_string(e.protocol_minor()) + "; this peer speaks " +
                                    std::to_string(kProtocolMajor) + "." +
                                    std::to_string(kProtocolMinor));
   }
@@ -165,8 +166,8 @@ Result<FrameHeader> ParseFrameHeader(std::span<const uint8_t> header, size_t max
                                      proto::ErrorCode* code) {
   SetCode(code, proto::ERROR_MALFORMED_FRAME);
   if (header.size() < kFrameHeaderBytes) {
-    return Status::Corruption("frame header truncated: " + std::to_string(header.size()) +
-                              " of " + std::to_string(kFrameHeaderBytes) + " bytes");
+    return Status::Corruption("frame header truncated: " + std::to_string(header.size()) + " of " +
+                              std::to_string(kFrameHeaderBytes) + " bytes");
   }
   if (std::memcmp(header.data(), kFrameMagic.data(), kFrameMagic.size()) != 0) {
     char hex[3 * 4 + 1];
@@ -246,9 +247,9 @@ Result<proto::Envelope> DecodeFrame(std::span<const uint8_t> bytes, size_t max_f
                               std::to_string(header.payload_bytes) + " bytes, only " +
                               std::to_string(bytes.size() - kFrameHeaderBytes) + " present");
   }
-  FEDSLICE_ASSIGN_OR_RETURN(proto::Envelope envelope,
-                            ParseEnvelope(bytes.subspan(kFrameHeaderBytes, header.payload_bytes),
-                                          code));
+  FEDSLICE_ASSIGN_OR_RETURN(
+      proto::Envelope envelope,
+      ParseEnvelope(bytes.subspan(kFrameHeaderBytes, header.payload_bytes), code));
   if (consumed != nullptr) *consumed = total;
   return envelope;
 }

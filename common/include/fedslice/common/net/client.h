@@ -4,13 +4,12 @@
 // timeouts, heartbeats and frame limit as the server.
 #pragma once
 
+#include <boost/asio/io_context.hpp>
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
-
-#include <boost/asio/io_context.hpp>
 
 #include "fedslice/common/net/session.h"
 #include "fedslice/common/net/tls.h"
@@ -42,8 +41,8 @@ using ConnectCallback = std::function<void(Result<SessionPtr>)>;
 //   kPermissionDenied: the server's certificate failed verification (other CA, name
 //     mismatch), its identity is not expected_identity, the server refused our certificate
 //     (TLS alert), or it greeted us with a Reject (reason and message in the status).
-Result<SessionPtr> AsyncConnect(boost::asio::io_context& io, const std::string& host,
-                                uint16_t port, const TlsConfig& tls, const ConnectOptions& options,
+Result<SessionPtr> AsyncConnect(boost::asio::io_context& io, const std::string& host, uint16_t port,
+                                const TlsConfig& tls, const ConnectOptions& options,
                                 std::shared_ptr<SessionHandler> handler, ConnectCallback done);
 
 // A blocking, sequential connection with its own I/O thread (which also keeps heartbeats

@@ -6,14 +6,13 @@
 // (each session has its own strand). Public methods are thread-safe.
 #pragma once
 
+#include <boost/asio/io_context.hpp>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
-
-#include <boost/asio/io_context.hpp>
 
 #include "fedslice/common/net/session.h"
 #include "fedslice/common/net/tls.h"

@@ -32,11 +32,11 @@
 namespace fedslice::net {
 
 struct SessionStats {
-  uint64_t bytes_sent = 0;      // frame bytes (header + payload), TLS overhead excluded
+  uint64_t bytes_sent = 0;  // frame bytes (header + payload), TLS overhead excluded
   uint64_t bytes_received = 0;
   uint64_t frames_sent = 0;
   uint64_t frames_received = 0;
-  uint64_t bad_messages = 0;    // received frames answered with an Error
+  uint64_t bad_messages = 0;  // received frames answered with an Error
 };
 
 // A connection. Obtained from SessionHandler::OnOpen (server side) or AsyncConnect (client
