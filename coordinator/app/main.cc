@@ -54,9 +54,9 @@ int main(int argc, char** argv) {
        "address to listen on (0.0.0.0 to accept clients from other hosts)")
       ("port", po::value(&options.server.port)->default_value(7400), "port (0 = any free port)")
       ("port-file", po::value(&port_file), "write the bound port here once listening")
-      ("ca", po::value(&options.tls.ca_file)->required(), "CA certificate (PEM) of the run")
-      ("cert", po::value(&options.tls.cert_file)->required(), "coordinator certificate (PEM)")
-      ("key", po::value(&options.tls.key_file)->required(), "coordinator private key (PEM)")
+      ("ca", po::value(&options.tls.ca_file), "CA certificate (PEM) of the run (required)")
+      ("cert", po::value(&options.tls.cert_file), "coordinator certificate (PEM) (required)")
+      ("key", po::value(&options.tls.key_file), "coordinator private key (PEM) (required)")
       ("tls12", po::bool_switch(&tls12), "also accept TLS 1.2 (default: TLS 1.3 only)")
       ("model", po::value(&model_name)->default_value("mlp"), "built-in model: mlp | cnn")
       ("data", po::value(&data_dir),
@@ -117,6 +117,13 @@ int main(int argc, char** argv) {
       po::notify(*vm);
     } catch (const po::error& e) {
       return Fail(config_file + ": " + e.what(), cli::kExitUsage);
+    }
+  }
+  // Required, but checked only now: they may come from the config file.
+  for (const char* name : {"ca", "cert", "key"}) {
+    if (vm->count(name) == 0) {
+      return Fail(std::string("the option '--") + name + "' is required but missing (on the "
+                  "command line or in --config)", cli::kExitUsage);
     }
   }
   auto level = spdlog::level::from_str(log_level);

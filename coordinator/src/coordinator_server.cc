@@ -315,13 +315,20 @@ struct CoordinatorServer::Impl {
     base.set_round(metrics->round());
     if (!federation->EncodeGlobalWeights(base.mutable_weights()).ok()) return;
     base.set_deadline_ms(static_cast<uint32_t>(options.federation.round_deadline.count()));
+    base.set_batch_size(static_cast<uint32_t>(options.federation.eval_batch_size));
     uint64_t next_id = (metrics->round() << 24) | (uint64_t{0xff} << 16);
     for (const auto& [id, client] : clients) {
       proto::Envelope envelope;
       *envelope.mutable_evaluate_task() = base;
       envelope.mutable_evaluate_task()->set_task_id(next_id);
+      const uint64_t bytes = WireBytes(envelope);
+      // Only a task that was actually queued is waited for.
+      if (Status sent = client.session->Send(std::move(envelope)); !sent.ok()) {
+        spdlog::warn("evaluate task to {} not sent: {}", id, sent.ToString());
+        continue;
+      }
+      traffic.bytes_down += bytes;
       eval_tasks[id] = next_id++;
-      Send(client.session, std::move(envelope), true);
     }
     PumpUntil(Clock::now() + options.federation.round_deadline,
               [&] { return eval_tasks.empty(); });

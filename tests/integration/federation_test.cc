@@ -439,10 +439,7 @@ TEST_F(FederationTest, NetworkedRunMatchesTheSimulationWithTheSameSeeds) {
 
 // Federated evaluation: clients holding their share of the test split evaluate the global
 // model when asked; the sample-weighted result lands in the metrics.
-// DISABLED: CoordinatorServer::FederatedEvaluation leaves EvaluateTask.batch_size at 0, which
-// ValidateEnvelope refuses ("evaluate_task.batch_size is 0"), so no EvaluateTask is ever sent
-// and federated_accuracy stays empty. Enable once the coordinator sets the batch size.
-TEST_F(FederationTest, DISABLED_ClientsEvaluateTheGlobalModelWhenAsked) {
+TEST_F(FederationTest, ClientsEvaluateTheGlobalModelWhenAsked) {
   const fs::path out = work_.path() / "run";
   CoordinatorFlags flags;
   flags.rounds = 1;
