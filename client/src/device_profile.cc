@@ -1,37 +1,13 @@
 #include "fedslice/client/device_profile.h"
 
-#include <Eigen/Core>
 #include <algorithm>
 #include <fstream>
 #include <sstream>
 
 #include "fedslice/common/threading.h"
+#include "fedslice/slicing/cost.h"
 
 namespace fedslice::client {
-
-double MeasureGemmFlops(std::chrono::milliseconds budget) {
-  using Clock = std::chrono::steady_clock;
-  // 256 x 256 is the size class of the MLP's hidden layers times a batch: large enough to
-  // reach the kernel's sustained rate, small enough that one product takes a millisecond.
-  constexpr int kN = 256;
-  Eigen::MatrixXf a = Eigen::MatrixXf::Constant(kN, kN, 0.5f);
-  Eigen::MatrixXf b = Eigen::MatrixXf::Constant(kN, kN, 0.25f);
-  Eigen::MatrixXf c(kN, kN);
-  c.noalias() = a * b;  // warm-up: page faults, thread pool start
-  int64_t products = 0;
-  const auto start = Clock::now();
-  auto elapsed = Clock::duration::zero();
-  do {
-    c.noalias() = a * b;
-    ++products;
-    elapsed = Clock::now() - start;
-  } while (elapsed < budget);
-  // Keeps the compiler from proving the products unused.
-  volatile float sink = c(0, 0);
-  (void)sink;
-  const double seconds = std::max(1e-9, std::chrono::duration<double>(elapsed).count());
-  return 2.0 * kN * kN * kN * static_cast<double>(products) / seconds;
-}
 
 Result<uint64_t> AvailableMemoryBytes(const std::string& meminfo_path) {
   std::ifstream in(meminfo_path);
@@ -53,7 +29,7 @@ Result<uint64_t> AvailableMemoryBytes(const std::string& meminfo_path) {
 
 proto::DeviceProfile MeasureDeviceProfile(const DeviceProfileOptions& options) {
   proto::DeviceProfile profile;
-  profile.set_flops(MeasureGemmFlops(options.flops_budget));
+  profile.set_flops(slicing::MeasureGemmFlops(options.flops_budget));
   if (options.memory_budget_bytes) {
     profile.set_memory_budget_bytes(*options.memory_budget_bytes);
   } else if (auto available = AvailableMemoryBytes(); available.ok()) {

@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include "fedslice/slicing/cost.h"
+
 #include <fstream>
 
 #include "testing/test_util.h"
@@ -10,7 +12,7 @@ namespace fedslice::client {
 namespace {
 
 TEST(DeviceProfileTest, GemmFlopsArePositive) {
-  EXPECT_GT(MeasureGemmFlops(std::chrono::milliseconds(5)), 0.0);
+  EXPECT_GT(slicing::MeasureGemmFlops(std::chrono::milliseconds(5)), 0.0);
 }
 
 TEST(DeviceProfileTest, ReadsMemAvailableInBytes) {

@@ -1,8 +1,9 @@
 // What an edge device can do, measured once at client start-up and sent in Hello, so that the
 // coordinator (and the slicing planner) can tell a phone from a workstation.
 //
-// Thread-safety: free functions without shared state; MeasureGemmFlops uses the engine's
-// worker threads (see threading.h) and must not run concurrently with training.
+// Thread-safety: free functions without shared state; the FLOPS measurement
+// (slicing::MeasureGemmFlops) uses the engine's worker threads (see threading.h) and must not
+// run concurrently with training.
 #pragma once
 
 #include <chrono>
@@ -14,11 +15,6 @@
 #include "fedslice/wire.pb.h"
 
 namespace fedslice::client {
-
-// Sustained float ops/s of a dense fp32 matrix product (the kernel behind Dense layers) on the
-// engine's current worker threads, measured for about `budget` after one warm-up product.
-// Always > 0.
-double MeasureGemmFlops(std::chrono::milliseconds budget = std::chrono::milliseconds(150));
 
 // MemAvailable from /proc/meminfo, in bytes. kNotFound / kCorruption when the file is missing
 // or has no parseable MemAvailable line (non-Linux systems, restricted containers).
