@@ -12,6 +12,7 @@
 #include <thread>
 
 #include "cli.h"
+#include "federation_flags.h"
 #include "fedslice/common/idx.h"
 #include "fedslice/common/model_io.h"
 #include "fedslice/common/model_zoo.h"
@@ -36,14 +37,10 @@ int Fail(const std::string& message, int code = cli::kExitFailure) {
 int main(int argc, char** argv) {
   fedslice::coordinator::CoordinatorOptions options;
   auto& fed = options.federation;
-  std::string config_file, model_name = "mlp", data_dir, strategy = "fedavg", codec = "fp32";
-  std::string out_dir, port_file, save_model, log_level = "info";
-  std::string downlink_codec = "fp32", error_feedback = "default";
-  uint32_t codec_block_size = 0;
+  std::string config_file, data_dir, port_file, save_model, log_level = "info";
   int round_deadline_ms = 300'000, threads = 0;
   int heartbeat_ms = 10'000, idle_timeout_ms = 30'000, handshake_timeout_ms = 10'000;
   size_t max_frame_bytes = options.tls.max_frame_bytes;
-  uint64_t seed = 1;
   bool tls12 = false;
   po::options_description opts;
   opts.add_options()
@@ -58,39 +55,14 @@ int main(int argc, char** argv) {
       ("cert", po::value(&options.tls.cert_file), "coordinator certificate (PEM) (required)")
       ("key", po::value(&options.tls.key_file), "coordinator private key (PEM) (required)")
       ("tls12", po::bool_switch(&tls12), "also accept TLS 1.2 (default: TLS 1.3 only)")
-      ("model", po::value(&model_name)->default_value("mlp"), "built-in model: mlp | cnn")
       ("data", po::value(&data_dir),
        "MNIST-layout directory whose test split evaluates the global model every round")
-      ("rounds", po::value(&fed.rounds)->default_value(10), "total federated rounds")
-      ("fraction", po::value(&fed.fraction)->default_value(0.1, "0.1"),
-       "C: fraction of registered clients asked per round")
-      ("min-fit", po::value(&fed.min_fit)->default_value(2), "results a round needs")
       ("min-available", po::value(&options.min_available)->default_value(2),
        "registered clients needed before a round starts")
-      ("epochs", po::value(&fed.local_epochs)->default_value(1), "E: local epochs per round")
-      ("batch", po::value(&fed.batch_size)->default_value(10), "B: local batch size")
-      ("lr", po::value(&fed.learning_rate)->default_value(0.05f, "0.05"), "client learning rate")
-      ("momentum", po::value(&fed.momentum)->default_value(0.0f, "0"), "client SGD momentum")
-      ("weight-decay", po::value(&fed.weight_decay)->default_value(0.0f, "0"),
-       "client weight decay")
-      ("strategy", po::value(&strategy)->default_value("fedavg"),
-       "fedavg | fedprox:mu=X | fedavgm:lr=X,momentum=Y | fedadam:lr=X,beta1=..,beta2=..,tau=..")
-      ("codec-block-size", po::value(&codec_block_size)->default_value(0),
-       "values per block for int8/int4/qsgd/sign (0 = 256)")
-      ("error-feedback", po::value(&error_feedback)->default_value("default"),
-       "on | default (on for sign and topk): keep what a lossy codec did not send and add "
-       "it to the next update")
-      ("downlink-codec", po::value(&downlink_codec)->default_value("fp32"),
-       "codec of the global weights sent to clients")
-      ("codec", po::value(&codec)->default_value("fp32"),
-       "update codec clients use: fp32 | fp16 | int8 | int4 | qsgd:S | sign | topk:F")
-      ("seed", po::value(&seed)->default_value(1), "run seed: model init, sampling, shuffling")
       ("round-deadline-ms", po::value(&round_deadline_ms)->default_value(300'000),
        "a round waits at most this long for results")
       ("fed-eval-every", po::value(&options.federated_eval_every)->default_value(0),
        "ask clients to evaluate the global model every N rounds (0 = never)")
-      ("out-dir", po::value(&out_dir),
-       "checkpoints and metrics.{csv,jsonl} go here; a restart on the same directory resumes")
       ("save-model", po::value(&save_model), "write the final global model to this file")
       ("heartbeat-ms", po::value(&heartbeat_ms)->default_value(10'000), "heartbeat interval")
       ("idle-timeout-ms", po::value(&idle_timeout_ms)->default_value(30'000),
@@ -102,6 +74,8 @@ int main(int argc, char** argv) {
       ("threads", po::value(&threads)->default_value(0), "evaluation threads (0 = all cores)")
       ("log-level", po::value(&log_level)->default_value("info"),
        "trace | debug | info | warn | error");
+  cli::FederationFlags federation_flags;
+  cli::AddFederationFlags(opts, &fed, &federation_flags, {.local_epochs = 1, .min_fit = 2});
   int exit_code = cli::kExitOk;
   auto vm = cli::ParseOrExit(kCommand, "--ca ca.pem --cert coordinator.pem --key coordinator.key "
                                        "[--model mlp] [--data DIR] [--rounds N] [options]",
@@ -136,23 +110,10 @@ int main(int argc, char** argv) {
   if (threads < 0) return Fail("--threads must be >= 0", cli::kExitUsage);
   if (threads > 0) fedslice::SetNumThreads(threads);
 
-  auto strategy_config = fedslice::coordinator::StrategyConfig::Parse(strategy);
-  if (!strategy_config.ok()) return Fail(strategy_config.status().message(), cli::kExitUsage);
-  fed.strategy = *strategy_config;
-  fed.codec.set_name(codec);
-  fed.codec.set_block_size(codec_block_size);
-  if (error_feedback != "on" && error_feedback != "default") {
-    return Fail("--error-feedback must be 'on' or 'default'", cli::kExitUsage);
-  }
-  fed.codec.set_error_feedback(error_feedback == "on");
-  fed.downlink_codec.set_name(downlink_codec);
-  fed.seed = seed;
-  fed.out_dir = out_dir;
   fed.round_deadline = std::chrono::milliseconds(round_deadline_ms);
-  auto spec = fedslice::BuiltinSpec(model_name, seed);
-  if (!spec.ok()) return Fail(spec.status().message(), cli::kExitUsage);
-  fed.model = *spec;
-  if (Status valid = fed.Validate(); !valid.ok()) return Fail(valid.message(), cli::kExitUsage);
+  if (Status applied = cli::ApplyFederationFlags(federation_flags, &fed); !applied.ok()) {
+    return Fail(applied.message(), cli::kExitUsage);
+  }
   options.tls.allow_tls12 = tls12;
   options.tls.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);
   options.tls.idle_timeout = std::chrono::milliseconds(idle_timeout_ms);
@@ -215,7 +176,7 @@ int main(int argc, char** argv) {
   if (!run.ok()) {
     if (run.code() == Status::Code::kAborted) {
       std::cerr << kCommand << ": stopped after round " << completed
-                << (out_dir.empty() ? "\n" : "; run again with the same --out-dir to resume\n");
+                << (fed.out_dir.empty() ? "\n" : "; run again with the same --out-dir to resume\n");
       return 130;
     }
     return Fail(run.ToString());

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "cli.h"
+#include "federation_flags.h"
 #include "commands.h"
 #include "fedslice/common/idx.h"
 #include "fedslice/common/model_io.h"
@@ -14,57 +15,26 @@ namespace fedslice::cli {
 
 int RunSim(int argc, char** argv) {
   const std::string command = "sim";
-  std::string model_name;
   std::string data_dir;
   std::string partition = "iid";
-  std::string strategy = "fedavg";
-  std::string codec = "fp32";
-  std::string downlink_codec = "fp32";
-  std::string error_feedback = "default";
-  uint32_t codec_block_size = 0;
-  std::string out_dir;
   std::string save_model;
   coordinator::SimulationConfig config;
   coordinator::FederationConfig& fed = config.federation;
-  uint64_t seed = 1;
   int eval_every = 1;
   po::options_description options;
   options.add_options()
-      ("model", po::value(&model_name)->required(), "built-in model: mlp | cnn")
       ("data", po::value(&data_dir)->required(), "MNIST-layout IDX directory")
       ("clients", po::value(&config.num_clients)->default_value(100), "virtual clients N")
       ("partition", po::value(&partition)->default_value("iid"),
        "iid | shards[:K] | dirichlet:ALPHA")
       ("partition-seed", po::value(&config.partition_seed)->default_value(1), "partition seed")
-      ("rounds", po::value(&fed.rounds)->default_value(10), "federated rounds")
-      ("fraction", po::value(&fed.fraction)->default_value(0.1, "0.1"),
-       "C: fraction of clients per round")
-      ("min-fit", po::value(&fed.min_fit)->default_value(1), "results a round needs")
-      ("epochs", po::value(&fed.local_epochs)->default_value(5), "E: local epochs")
-      ("batch", po::value(&fed.batch_size)->default_value(10), "B: local batch size")
-      ("lr", po::value(&fed.learning_rate)->default_value(0.05f, "0.05"), "client learning rate")
-      ("momentum", po::value(&fed.momentum)->default_value(0.0f, "0"), "client SGD momentum")
-      ("weight-decay", po::value(&fed.weight_decay)->default_value(0.0f, "0"),
-       "client weight decay")
-      ("strategy", po::value(&strategy)->default_value("fedavg"),
-       "fedavg | fedprox:mu=X | fedavgm:lr=X,momentum=Y | fedadam:lr=X,beta1=..,beta2=..,tau=..")
-      ("codec-block-size", po::value(&codec_block_size)->default_value(0),
-       "values per block for int8/int4/qsgd/sign (0 = 256)")
-      ("error-feedback", po::value(&error_feedback)->default_value("default"),
-       "on | default (on for sign and topk): keep what a lossy codec did not send and add "
-       "it to the next update")
-      ("downlink-codec", po::value(&downlink_codec)->default_value("fp32"),
-       "codec of the global weights sent to clients")
-      ("codec", po::value(&codec)->default_value("fp32"),
-       "update codec: fp32 | fp16 | int8 | int4 | qsgd:S | sign | topk:F")
-      ("seed", po::value(&seed)->default_value(1), "run seed: model init, sampling, shuffling")
       ("threads", po::value(&config.parallelism)->default_value(0),
        "clients trained at once (0 = all cores)")
-      ("out-dir", po::value(&out_dir),
-       "write checkpoints and metrics.{csv,jsonl} here (resumes if it holds a checkpoint)")
       ("eval-every", po::value(&eval_every)->default_value(1),
        "print a progress line every N rounds")
       ("save-model", po::value(&save_model), "write the final global model to this file");
+  FederationFlags federation_flags;
+  AddFederationFlags(options, &fed, &federation_flags, {.local_epochs = 5, .min_fit = 1});
   int exit_code = kExitOk;
   auto vm = ParseOrExit(command,
                         "--model mlp|cnn --data DIR [--clients N] [--partition P] [--rounds R] "
@@ -81,30 +51,8 @@ int RunSim(int argc, char** argv) {
     return kExitUsage;
   }
   config.partition = *scheme;
-  auto strategy_config = coordinator::StrategyConfig::Parse(strategy);
-  if (!strategy_config.ok()) {
-    PrintError(command, strategy_config.status().message());
-    return kExitUsage;
-  }
-  fed.strategy = *strategy_config;
-  fed.codec.set_name(codec);
-  fed.codec.set_block_size(codec_block_size);
-  if (error_feedback != "on" && error_feedback != "default") {
-    PrintError(command, "--error-feedback must be 'on' or 'default'");
-    return kExitUsage;
-  }
-  fed.codec.set_error_feedback(error_feedback == "on");
-  fed.downlink_codec.set_name(downlink_codec);
-  fed.seed = seed;
-  fed.out_dir = out_dir;
-  auto spec = BuiltinSpec(model_name, seed);
-  if (!spec.ok()) {
-    PrintError(command, spec.status().message());
-    return kExitUsage;
-  }
-  fed.model = *spec;
-  if (Status valid = fed.Validate(); !valid.ok()) {
-    PrintError(command, valid.message());
+  if (Status applied = ApplyFederationFlags(federation_flags, &fed); !applied.ok()) {
+    PrintError(command, applied.message());
     return kExitUsage;
   }
 
@@ -119,10 +67,10 @@ int RunSim(int argc, char** argv) {
     return kExitFailure;
   }
   std::printf("sim: %s, %d clients (%s), %u rounds, C=%g, E=%u, B=%u, lr=%g, %s, codec %s\n",
-              model_name.c_str(), config.num_clients, data::ToString(config.partition).c_str(),
+              federation_flags.model.c_str(), config.num_clients, data::ToString(config.partition).c_str(),
               fed.rounds, fed.fraction, fed.local_epochs, fed.batch_size,
               static_cast<double>(fed.learning_rate), fed.strategy.ToString().c_str(),
-              codec.c_str());
+              federation_flags.codec.c_str());
   std::fflush(stdout);
   const auto started = std::chrono::steady_clock::now();
   std::vector<float> final_weights;
