@@ -229,15 +229,8 @@ int main(int argc, char** argv) {
                              opts, argc, argv, &exit_code, nullptr, /*program=*/kCommand);
   if (!vm) return exit_code;
   if (!config_file.empty()) {
-    std::ifstream in(config_file);
-    if (!in) return Fail("cannot read config file " + config_file, cli::kExitUsage);
-    try {
-      po::options_description all;
-      all.add(opts);
-      po::store(po::parse_config_file(in, all), *vm);
-      po::notify(*vm);
-    } catch (const po::error& e) {
-      return Fail(config_file + ": " + e.what(), cli::kExitUsage);
+    if (std::string error = cli::MergeConfigFile(config_file, opts, &*vm); !error.empty()) {
+      return Fail(error, cli::kExitUsage);
     }
   }
 
@@ -264,11 +257,9 @@ int main(int argc, char** argv) {
     options.port = static_cast<uint16_t>(port);
   }
   if (Status s = CheckDataFlags(data_flags); !s.ok()) return Fail(s.message(), cli::kExitUsage);
-  auto level = spdlog::level::from_str(log_level);
-  if (level == spdlog::level::off && log_level != "off") {
-    return Fail("unknown --log-level '" + log_level + "'", cli::kExitUsage);
+  if (std::string error = cli::SetUpLogging(kCommand, log_level); !error.empty()) {
+    return Fail(error, cli::kExitUsage);
   }
-  spdlog::set_level(level);
   if (threads < 0) return Fail("--threads must be >= 0", cli::kExitUsage);
   if (memory_budget_mb < 0) return Fail("--memory-budget-mb must be >= 0", cli::kExitUsage);
   if (max_retries < 0) return Fail("--max-retries must be >= 0", cli::kExitUsage);

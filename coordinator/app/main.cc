@@ -1,5 +1,4 @@
 // fedslice-coordinator: runs federated training rounds for edge clients over mutual TLS.
-#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <boost/asio/io_context.hpp>
@@ -82,15 +81,8 @@ int main(int argc, char** argv) {
                              opts, argc, argv, &exit_code, nullptr, /*program=*/kCommand);
   if (!vm) return exit_code;
   if (!config_file.empty()) {
-    std::ifstream in(config_file);
-    if (!in) return Fail("cannot read config file " + config_file, cli::kExitUsage);
-    try {
-      po::options_description all;
-      all.add(opts);
-      po::store(po::parse_config_file(in, all), *vm);
-      po::notify(*vm);
-    } catch (const po::error& e) {
-      return Fail(config_file + ": " + e.what(), cli::kExitUsage);
+    if (std::string error = cli::MergeConfigFile(config_file, opts, &*vm); !error.empty()) {
+      return Fail(error, cli::kExitUsage);
     }
   }
   // Required, but checked only now: they may come from the config file.
@@ -100,13 +92,9 @@ int main(int argc, char** argv) {
                   "command line or in --config)", cli::kExitUsage);
     }
   }
-  auto level = spdlog::level::from_str(log_level);
-  if (level == spdlog::level::off && log_level != "off") {
-    return Fail("unknown --log-level '" + log_level + "'", cli::kExitUsage);
+  if (std::string error = cli::SetUpLogging(kCommand, log_level); !error.empty()) {
+    return Fail(error, cli::kExitUsage);
   }
-  // Logs go to stderr so that stdout stays free for results.
-  spdlog::set_default_logger(spdlog::stderr_color_mt("fedslice-coordinator"));
-  spdlog::set_level(level);
   if (threads < 0) return Fail("--threads must be >= 0", cli::kExitUsage);
   if (threads > 0) fedslice::SetNumThreads(threads);
 

@@ -1,5 +1,9 @@
 #include "cli.h"
 
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <fstream>
 #include <iostream>
 
 namespace fedslice::cli {
@@ -38,6 +42,31 @@ std::optional<po::variables_map> ParseOrExit(const std::string& command, const s
 
 void PrintError(const std::string& command, const std::string& message) {
   std::cerr << "fedslice " << command << ": " << message << "\n";
+}
+
+std::string MergeConfigFile(const std::string& path, const po::options_description& options,
+                            po::variables_map* vm) {
+  std::ifstream in(path);
+  if (!in) return "cannot read config file " + path;
+  try {
+    po::store(po::parse_config_file(in, options), *vm);
+    po::notify(*vm);
+  } catch (const po::error& e) {
+    return path + ": " + e.what();
+  }
+  return "";
+}
+
+std::string SetUpLogging(const std::string& program, const std::string& level) {
+  const auto parsed = spdlog::level::from_str(level);
+  if (parsed == spdlog::level::off && level != "off") {
+    return "unknown --log-level '" + level + "' (trace | debug | info | warn | error | off)";
+  }
+  auto logger = spdlog::get(program);
+  if (!logger) logger = spdlog::stderr_color_mt(program);
+  spdlog::set_default_logger(logger);
+  spdlog::set_level(parsed);
+  return "";
 }
 
 }  // namespace fedslice::cli

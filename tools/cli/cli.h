@@ -34,4 +34,14 @@ std::optional<po::variables_map> ParseOrExit(const std::string& command, const s
 // Prints "fedslice <command>: <message>" to stderr.
 void PrintError(const std::string& command, const std::string& message);
 
+// Adds the options set in the INI-style file `path` (`name = value`, names without "--") to
+// `vm`; options already in `vm` (given on the command line) win. Returns an empty string on
+// success, else the message for the user (unreadable file, unknown option, bad value).
+std::string MergeConfigFile(const std::string& path, const po::options_description& options,
+                            po::variables_map* vm);
+
+// Sends `program`'s logs to stderr (stdout stays free for results) at `level` (trace | debug |
+// info | warn | error | off). Returns an empty string on success, else the message.
+std::string SetUpLogging(const std::string& program, const std::string& level);
+
 }  // namespace fedslice::cli
