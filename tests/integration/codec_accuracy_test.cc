@@ -7,8 +7,8 @@
 #include <map>
 
 #include "fedslice/common/idx.h"
-#include "fedslice/common/model_zoo.h"
 #include "fedslice/coordinator/simulation.h"
+#include "paper_setup.h"
 #include "testing/test_util.h"
 
 namespace fedslice::coordinator {
@@ -36,17 +36,7 @@ class CodecAccuracyTest : public ::testing::Test {
   }
 
   static Outcome Run(const std::string& codec) {
-    SimulationConfig config;
-    config.num_clients = 100;
-    config.partition.kind = data::PartitionScheme::kShards;
-    config.federation.model = MlpSpec(1);
-    config.federation.rounds = 100;
-    config.federation.fraction = 0.1;
-    config.federation.min_fit = 1;
-    config.federation.local_epochs = 5;
-    config.federation.batch_size = 10;
-    config.federation.learning_rate = 0.05f;
-    config.federation.seed = 1;
+    SimulationConfig config = testing::PaperShardsSimulation();
     config.federation.codec.set_name(codec);
     auto metrics = RunSimulation(config, *train_, *test_);
     EXPECT_TRUE(metrics.ok()) << codec << ": " << metrics.status().ToString();

@@ -4,8 +4,8 @@
 #include <gtest/gtest.h>
 
 #include "fedslice/common/idx.h"
-#include "fedslice/common/model_zoo.h"
 #include "fedslice/coordinator/simulation.h"
+#include "paper_setup.h"
 #include "testing/test_util.h"
 
 namespace fedslice::coordinator {
@@ -19,19 +19,7 @@ TEST(SimAccuracyTest, ShardsNonIidMlpReachesPaperAccuracy) {
   ASSERT_TRUE(train.ok()) << train.status().ToString();
   ASSERT_TRUE(test.ok()) << test.status().ToString();
 
-  SimulationConfig config;
-  config.num_clients = 100;
-  config.partition.kind = data::PartitionScheme::kShards;
-  config.partition.shards_per_client = 2;
-  config.partition_seed = 1;
-  config.federation.model = MlpSpec(1);
-  config.federation.rounds = 100;
-  config.federation.fraction = 0.1;
-  config.federation.min_fit = 1;
-  config.federation.local_epochs = 5;
-  config.federation.batch_size = 10;
-  config.federation.learning_rate = 0.05f;
-  config.federation.seed = 1;
+  const SimulationConfig config = testing::PaperShardsSimulation();
   auto metrics = RunSimulation(config, *train, *test);
   ASSERT_TRUE(metrics.ok()) << metrics.status().ToString();
   ASSERT_EQ(metrics->size(), 100u);
