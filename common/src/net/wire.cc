@@ -144,6 +144,102 @@ Status ValidateBody(const proto::Envelope& e, proto::ErrorCode* code) {
       return CheckString(e.error().message(), "error.message", code);
     case E::kBye:
       return CheckString(e.bye().message(), "bye.message", code);
+    case E::kPipelineRequest: {
+      const auto& m = e.pipeline_request();
+      if (m.micro_batch() == 0) return Invalid(code, "pipeline_request.micro_batch is 0");
+      FEDSLICE_RETURN_IF_ERROR(
+          CheckString(m.activation_codec(), "pipeline_request.activation_codec", code));
+      if (m.exclude_clients_size() > 4096) {
+        return Invalid(code, "pipeline_request.exclude_clients has more than 4096 entries");
+      }
+      for (const auto& c : m.exclude_clients()) {
+        FEDSLICE_RETURN_IF_ERROR(CheckString(c, "pipeline_request.exclude_clients", code));
+      }
+      return Status::Ok();
+    }
+    case E::kPipelinePlan: {
+      const auto& m = e.pipeline_plan();
+      if (m.stages_size() == 0) return Invalid(code, "pipeline_plan has no stages");
+      if (m.micro_batch() == 0) return Invalid(code, "pipeline_plan.micro_batch is 0");
+      for (const auto& st : m.stages()) {
+        FEDSLICE_RETURN_IF_ERROR(CheckString(st.client_id(), "pipeline_plan.stage.client_id", code));
+        FEDSLICE_RETURN_IF_ERROR(CheckString(st.endpoint(), "pipeline_plan.stage.endpoint", code));
+        FEDSLICE_RETURN_IF_ERROR(CheckString(st.layers(), "pipeline_plan.stage.layers", code));
+        if (st.unit_begin() >= st.unit_end()) {
+          return Invalid(code, "pipeline_plan.stage has an empty unit range");
+        }
+        FEDSLICE_RETURN_IF_ERROR(
+            CheckNumber(st.predicted_ms(), "pipeline_plan.stage.predicted_ms", code));
+      }
+      FEDSLICE_RETURN_IF_ERROR(
+          CheckString(m.activation_codec(), "pipeline_plan.activation_codec", code));
+      FEDSLICE_RETURN_IF_ERROR(CheckNumber(m.predicted_samples_per_s(),
+                                           "pipeline_plan.predicted_samples_per_s", code));
+      return CheckNumber(m.predicted_latency_ms(), "pipeline_plan.predicted_latency_ms", code);
+    }
+    case E::kSliceAssign: {
+      const auto& m = e.slice_assign();
+      if (m.unit_begin() >= m.unit_end()) {
+        return Invalid(code, "slice_assign has an empty unit range");
+      }
+      if (m.stage_index() >= m.num_stages()) {
+        return Invalid(code, "slice_assign.stage_index is not below num_stages");
+      }
+      if (m.micro_batch() == 0) return Invalid(code, "slice_assign.micro_batch is 0");
+      FEDSLICE_RETURN_IF_ERROR(CheckTensor(m.weights(), "slice_assign.weights", code));
+      for (const auto& [s, name] :
+           {std::pair{&m.upstream_identity(), "slice_assign.upstream_identity"},
+            {&m.downstream_endpoint(), "slice_assign.downstream_endpoint"},
+            {&m.downstream_identity(), "slice_assign.downstream_identity"},
+            {&m.requester_identity(), "slice_assign.requester_identity"},
+            {&m.activation_codec(), "slice_assign.activation_codec"}}) {
+        FEDSLICE_RETURN_IF_ERROR(CheckString(*s, name, code));
+      }
+      if (m.upstream_identity().empty() || m.requester_identity().empty()) {
+        return Invalid(code, "slice_assign needs upstream_identity and requester_identity");
+      }
+      return Status::Ok();
+    }
+    case E::kSliceReady:
+      return CheckString(e.slice_ready().message(), "slice_ready.message", code);
+    case E::kSliceRelease:
+      return CheckString(e.slice_release().reason(), "slice_release.reason", code);
+    case E::kPipelineFailed:
+      FEDSLICE_RETURN_IF_ERROR(
+          CheckString(e.pipeline_failed().failed_client(), "pipeline_failed.failed_client", code));
+      return CheckString(e.pipeline_failed().reason(), "pipeline_failed.reason", code);
+    case E::kPipelineClose:
+      return CheckString(e.pipeline_close().reason(), "pipeline_close.reason", code);
+    case E::kStageJoin:
+      if (!e.stage_join().upstream() && !e.stage_join().sink()) {
+        return Invalid(code, "stage_join is neither upstream nor sink");
+      }
+      return Status::Ok();
+    case E::kActivationBatch: {
+      const auto& m = e.activation_batch();
+      if (m.num_samples() == 0) return Invalid(code, "activation_batch.num_samples is 0");
+      FEDSLICE_RETURN_IF_ERROR(CheckTensor(m.data(), "activation_batch.data", code));
+      if (m.has_carry()) {
+        FEDSLICE_RETURN_IF_ERROR(CheckTensor(m.carry(), "activation_batch.carry", code));
+      }
+      return Status::Ok();
+    }
+    case E::kProfileUpdate: {
+      const auto& p = e.profile_update().profile();
+      FEDSLICE_RETURN_IF_ERROR(CheckNumber(p.flops(), "profile_update.flops", code));
+      FEDSLICE_RETURN_IF_ERROR(CheckNumber(p.slowdown(), "profile_update.slowdown", code));
+      FEDSLICE_RETURN_IF_ERROR(
+          CheckString(p.device_name(), "profile_update.device_name", code));
+      if (p.layer_timings_size() > 4096) {
+        return Invalid(code, "profile_update has more than 4096 layer timings");
+      }
+      for (const auto& t : p.layer_timings()) {
+        FEDSLICE_RETURN_IF_ERROR(CheckString(t.layer_name(), "profile_update.layer_name", code));
+        FEDSLICE_RETURN_IF_ERROR(CheckNumber(t.forward_ms_per_sample(),
+                                             "profile_update.forward_ms_per_sample", code));
+      }
+      return Status::Ok();
+    }
     case E::BODY_NOT_SET:
       break;
   }

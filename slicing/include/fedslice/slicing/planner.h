@@ -85,6 +85,11 @@ struct PlanOptions {
   // Micro-batches a stage holds besides the one it computes (see the memory model); the
   // pipeline runtime must not buffer more than this per stage and direction.
   int in_flight = 2;
+  // Exactly this many stages (1 <= num_stages <= number of devices); 0 = as many as give the
+  // best plan. With a fixed count every stage holds at least one layer. InvalidArgument when
+  // there are fewer devices (or layers) than num_stages; ResourceExhausted when no split into
+  // that many stages fits the memory budgets.
+  int num_stages = 0;
 };
 
 // Cost of one stage under the model above.

@@ -1,0 +1,166 @@
+// The chain a pipeline is cut from, and the executor that runs one slice of it.
+//
+// Units. The planner places contiguous ranges of *units*. Every layer of the model is one unit,
+// except the layers a proto::ChainSpec splits: a conv2d layer cut into P parts by output
+// channel (a dense layer: by output feature) becomes P consecutive units, part j computing
+// output channels [out_begin, out_end) from the layer's full input. Why: one layer can hold
+// most of a model's work (the cnn's conv2 is ~80% of its FLOPs), so whole-layer slices cannot
+// balance K stages; parts of it can.
+//
+// What crosses a boundary before unit u (the "activation" a stage receives):
+//   main  [batch] + MainShape(u): the input of u's layer (for u = num_units(): the logits),
+//   carry [batch] + CarryShape(u): when u is part j > 0 of a split layer, the outputs of parts
+//         0..j-1 (channels [0, out_begin(u)) of the layer's output); otherwise empty.
+// A stage that ends inside a split layer so sends the layer's input onward with the channels
+// computed so far; the stage that computes its last part concatenates them.
+//
+// Slice parameters ("packed"): the parameters of units [b, e) in unit order; a whole layer's
+// are its parameters as in the model's flat buffer (layers.h layout), a part's are the rows
+// [out_begin, out_end) of the layer's weights followed by the same range of its bias, which is
+// exactly the layout of a layer with out_end - out_begin outputs. So a stage receives only its
+// slice's parameters, never the whole model's.
+//
+// Thread-safety: Chain is immutable after Create (share it freely). A StageExecutor is not
+// thread-safe (scratch buffers): one thread runs it at a time.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "fedslice/common/codec.h"
+#include "fedslice/common/layers.h"
+#include "fedslice/common/status.h"
+#include "fedslice/common/tensor.h"
+#include "fedslice/model.pb.h"
+#include "fedslice/slicing/cost.h"
+#include "fedslice/wire.pb.h"
+
+namespace fedslice::slicing {
+
+struct Unit {
+  int layer = 0;   // model layer index
+  int part = 0;    // 0 .. parts-1
+  int parts = 1;   // 1: the whole layer
+  // Output channels (conv2d) or features (dense) this unit computes; a whole layer of another
+  // kind has [0, 0).
+  int64_t out_begin = 0;
+  int64_t out_end = 0;
+};
+
+// Most parts a layer may be cut into (keeps the chain, and the planner's search, small).
+inline constexpr int kMaxLayerParts = 64;
+
+class Chain {
+ public:
+  // Validates `model` (as Model::Create does) and `spec`: layer indices strictly increasing
+  // and in range, only conv2d and dense layers, 2 <= parts <= min(kMaxLayerParts, outputs).
+  // InvalidArgument names the offending entry.
+  static Result<Chain> Create(const proto::ModelSpec& model, const proto::ChainSpec& spec);
+
+  const proto::ModelSpec& model() const { return model_; }
+  const proto::ChainSpec& spec() const { return spec_; }
+  int num_layers() const { return static_cast<int>(layer_shapes_.size()) - 1; }
+  int num_units() const { return static_cast<int>(units_.size()); }
+  const Unit& unit(int u) const { return units_[static_cast<size_t>(u)]; }
+  // First unit of layer i (i = num_layers() gives num_units()).
+  int FirstUnitOfLayer(int layer) const { return first_unit_[static_cast<size_t>(layer)]; }
+
+  // Sample shapes at the boundary before unit u, 0 <= u <= num_units() (see the file comment).
+  // CarryShape is empty when nothing is carried.
+  const std::vector<int64_t>& MainShape(int u) const;
+  std::vector<int64_t> CarryShape(int u) const;
+
+  // The planner's costs per unit, from the model's per-layer costs (ComputeLayerCosts): a part
+  // gets its share of the layer's FLOPs and parameters; input_bytes counts main + carry
+  // entering it and output_bytes what leaves it (main + carry, or the layer's output after
+  // the last part). Names are "conv2[2/7]" for parts.
+  std::vector<LayerCost> UnitCosts(std::span<const LayerCost> layer_costs) const;
+  // Per-unit times from per-layer times (size num_layers()): a part takes its share.
+  std::vector<double> UnitTimes(std::span<const double> layer_ms) const;
+
+  // Number of packed parameters of units [b, e) (0 <= b < e <= num_units()).
+  int64_t SliceParamCount(int begin, int end) const;
+  // The packed parameters of units [b, e) taken from the model's flat buffer.
+  // InvalidArgument for a bad range or model_params.size() != the model's parameter count.
+  Result<std::vector<float>> PackSlice(std::span<const float> model_params, int begin,
+                                       int end) const;
+  // "conv1..relu2", "conv2[3..6/7]..fc2": layer names of units [b, e), for plans and logs.
+  std::string Describe(int begin, int end) const;
+
+ private:
+  Chain() = default;
+  proto::ModelSpec model_;
+  proto::ChainSpec spec_;
+  std::vector<Unit> units_;
+  std::vector<int> first_unit_;                      // per layer, plus num_units()
+  std::vector<std::vector<int64_t>> layer_shapes_;   // input shape of each layer, plus output
+  std::vector<std::vector<int64_t>> unit_main_;      // MainShape per boundary
+  std::vector<int64_t> layer_offsets_;               // into the model's flat buffer
+  std::vector<int64_t> layer_params_;                // per layer
+};
+
+// Which layers to cut for a pipeline of up to `max_stages` stages: a conv2d or dense layer
+// holding more than 1/(2·max_stages) of the model's forward FLOPs is cut into
+// ceil(2·max_stages·share) parts (at most its outputs and kMaxLayerParts), so that stage
+// boundaries can fall within ~1/(2·max_stages) of the ideal balance. max_stages <= 1: no cuts.
+proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerCost> layer_costs,
+                           int max_stages);
+
+// Runs units [begin, end) of a chain with the slice's packed parameters. Whole-layer runs
+// split the batch over the engine's worker threads exactly as Model::Forward does (and each
+// layer's weights keep the alignment they have in a Model), so a plan without cut layers
+// gives logits bit-identical to single-process inference with the same batch size; cut
+// layers compute their parts as separate products, which can round differently (|Δ| ~1e-7).
+class StageExecutor {
+ public:
+  // `packed` must hold Chain::SliceParamCount(begin, end) finite values (copied).
+  // InvalidArgument for a bad range, wrong size or a non-finite value (index named).
+  static Result<std::unique_ptr<StageExecutor>> Create(const Chain& chain, int begin, int end,
+                                                       std::span<const float> packed);
+  ~StageExecutor();
+  StageExecutor(const StageExecutor&) = delete;
+  StageExecutor& operator=(const StageExecutor&) = delete;
+
+  int unit_begin() const { return begin_; }
+  int unit_end() const { return end_; }
+  const Chain& chain() const { return chain_; }
+
+  // in: [batch] + MainShape(begin), carry: [batch] + CarryShape(begin) (ignored, may be
+  // empty, when that shape is empty); 1 <= batch <= kMaxBatch. Writes out: [batch] +
+  // MainShape(end) and out_carry: [batch] + CarryShape(end) (left empty when that is empty).
+  // InvalidArgument (nothing run) on a shape mismatch.
+  Status Run(const Tensor& in, const Tensor& carry, Tensor* out, Tensor* out_carry);
+
+  // The message form, for a stage: checks batch.unit == unit_begin(), num_samples in
+  // [1, kMaxBatch], decodes data and carry (fp32 or int8, sizes checked against the shapes
+  // before anything is allocated, values finite), runs, and encodes the result into a new
+  // ActivationBatch (same pipeline_id and batch_id, unit = unit_end()) with `codec` —
+  // callers pass fp32 for the logits of the last stage. InvalidArgument on any mismatch.
+  Result<proto::ActivationBatch> Run(const proto::ActivationBatch& batch,
+                                     const codec::CodecSpec& codec);
+
+  static constexpr int64_t kMaxBatch = 4096;
+
+ private:
+  struct Impl;
+  StageExecutor(const Chain& chain, int begin, int end);
+  Chain chain_;
+  int begin_ = 0;
+  int end_ = 0;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Encodes `tensor` (rank >= 2, batch first) into an EncodedTensor with its shape set, with
+// "fp32" or "int8" (block size: codec default). InvalidArgument for another codec or a
+// non-finite value.
+Status EncodeActivation(const Tensor& tensor, const codec::CodecSpec& codec,
+                        proto::EncodedTensor* out);
+// Decodes an activation of exactly `shape` (batch first): shape and num_values must match
+// before anything is allocated; fp32 or int8 only. InvalidArgument otherwise.
+Status DecodeActivation(const proto::EncodedTensor& encoded, const std::vector<int64_t>& shape,
+                        Tensor* out);
+
+}  // namespace fedslice::slicing
