@@ -1,6 +1,7 @@
 #include "fedslice/slicing/planner.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -32,6 +33,13 @@ Status ValidateInputs(std::span<const LayerCost> costs, std::span<const Device> 
   if (options.in_flight < 0 || options.in_flight > 1024) {
     return Status::InvalidArgument("in_flight must be in [0, 1024]");
   }
+  if (options.num_stages < 0 || options.num_stages > static_cast<int>(devices.size()) ||
+      options.num_stages > static_cast<int>(costs.size())) {
+    return Status::InvalidArgument(
+        std::to_string(options.num_stages) + " stages asked for, but there are " +
+        std::to_string(devices.size()) + " devices and " + std::to_string(costs.size()) +
+        " layers (each stage needs a device and at least one layer)");
+  }
   for (size_t k = 0; k < devices.size(); ++k) {
     const Device& d = devices[k];
     const std::string label = DeviceLabel(d, k);
@@ -61,6 +69,9 @@ Status ValidateInputs(std::span<const LayerCost> costs, std::span<const Device> 
 // only ever grows along a transition, so visiting ids in increasing order is topological.
 //   kAny:   state = bitmask of devices used; next device = any unused one.
 //   kGiven: state = k, devices [0, k) are behind us; next device = any d >= k, state d + 1.
+// With a fixed stage count S the kGiven state also counts the stages placed:
+// id = k · (S + 1) + count (still growing along transitions); with subsets the count is the
+// mask's popcount. Only end states with S stages count as plans.
 class Search {
  public:
   Search(std::span<const LayerCost> costs, std::span<const Device> devices,
@@ -68,7 +79,10 @@ class Search {
       : n_(static_cast<int>(costs.size())),
         k_(static_cast<int>(devices.size())),
         subsets_(subsets),
-        num_states_(subsets ? (size_t{1} << devices.size()) : devices.size() + 1) {
+        stages_(options.num_stages),
+        stride_(!subsets && options.num_stages > 0 ? static_cast<size_t>(options.num_stages) + 1
+                                                   : 1),
+        num_states_(subsets ? (size_t{1} << devices.size()) : (devices.size() + 1) * stride_) {
     // est_[(d * n + b) * n + (e - 1)]: every stage every device could run.
     est_.resize(static_cast<size_t>(k_) * static_cast<size_t>(n_) * static_cast<size_t>(n_));
     for (int d = 0; d < k_; ++d) {
@@ -95,9 +109,12 @@ class Search {
       for (int j = 0; j < n_; ++j) {
         const double v = value_[s * cols + static_cast<size_t>(j)];
         if (v == kInf) continue;
+        if (stages_ > 0 && StagesIn(s) >= stages_) continue;
         for (int d = FirstDevice(s); d < k_; ++d) {
           if (subsets_ && (s >> d & 1U) != 0) continue;
-          const size_t next = subsets_ ? (s | size_t{1} << d) : static_cast<size_t>(d) + 1;
+          const size_t next = subsets_ ? (s | size_t{1} << d)
+                                       : (static_cast<size_t>(d) + 1) * stride_ +
+                                             (stride_ > 1 ? s % stride_ + 1 : 0);
           for (int e = j + 1; e <= n_; ++e) {
             const StageEstimate& est = Estimate(d, j, e);
             if (!est.fits) continue;
@@ -121,6 +138,7 @@ class Search {
     double best = kInf;
     for (size_t s = 0; s < num_states_; ++s) {
       const double v = value_[s * cols + static_cast<size_t>(n_)];
+      if (stages_ > 0 && StagesIn(s) != stages_) continue;
       if (v < best) {
         best = v;
         best_state_ = s;
@@ -157,10 +175,16 @@ class Search {
                static_cast<size_t>(n_) +
            static_cast<size_t>(e - 1);
   }
-  int FirstDevice(size_t s) const { return subsets_ ? 0 : static_cast<int>(s); }
+  int FirstDevice(size_t s) const { return subsets_ ? 0 : static_cast<int>(s / stride_); }
+  // Stages placed on the way to state s (only tracked with a fixed count).
+  int StagesIn(size_t s) const {
+    return subsets_ ? std::popcount(s) : static_cast<int>(s % stride_);
+  }
 
   int n_, k_;
   bool subsets_;
+  int stages_;
+  size_t stride_;
   size_t num_states_;
   std::vector<StageEstimate> est_;
   std::vector<double> value_;
@@ -300,7 +324,20 @@ Result<Plan> PlanPipeline(std::span<const LayerCost> costs, std::span<const Devi
                        std::ldexp(k * n * n, static_cast<int>(devices.size())) <= 1e8;
   Search search(costs, devices, options, subsets);
   const double bottleneck = search.Run(/*latency=*/false, 0);
-  if (bottleneck == kInf) return Infeasible(costs, devices, options, search);
+  if (bottleneck == kInf) {
+    if (options.num_stages > 0) {
+      PlanOptions free = options;
+      free.num_stages = 0;
+      Search any(costs, devices, free, subsets);
+      if (any.Run(/*latency=*/false, 0) != kInf) {
+        return Status::ResourceExhausted("no split into " + std::to_string(options.num_stages) +
+                                         " stages fits the devices' memory budgets; fewer "
+                                         "stages would");
+      }
+      return Infeasible(costs, devices, free, any);
+    }
+    return Infeasible(costs, devices, options, search);
+  }
   const double latency = search.Run(/*latency=*/true, bottleneck);
   if (latency == kInf) return Status::Internal("planner: no plan within its own bottleneck");
 

@@ -138,6 +138,26 @@ Tensor RandomTensor(std::vector<int64_t> shape, uint32_t seed) {
   return t;
 }
 
+// A moved-from tensor used to keep its capacity without its storage, so resizing it reused
+// a null buffer.
+TEST(TensorTest, MovedFromTensorIsEmptyAndUsable) {
+  Tensor a({8, 8});
+  Tensor b = std::move(a);
+  EXPECT_EQ(b.size(), 64);
+  EXPECT_EQ(a.size(), 0);  // NOLINT(bugprone-use-after-move): the state is specified
+  EXPECT_TRUE(a.shape().empty());
+  a.Resize({4, 4});
+  ASSERT_NE(a.data(), nullptr);
+  a.data()[15] = 1.0f;
+  Tensor c;
+  c = std::move(b);
+  EXPECT_EQ(b.size(), 0);  // NOLINT(bugprone-use-after-move)
+  b.Resize({2, 3});
+  ASSERT_NE(b.data(), nullptr);
+  b.data()[5] = 2.0f;
+  EXPECT_EQ(c.size(), 64);
+}
+
 TEST(TensorTest, ResizeKeepsStorageWhenItFits) {
   Tensor t({4, 3, 2});
   EXPECT_EQ(t.batch(), 4);

@@ -3,6 +3,7 @@
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -111,6 +112,7 @@ void BruteForce(std::span<const LayerCost> costs, std::span<const Device> device
                 int last_device, double bottleneck, double latency, Best* best) {
   const int n = static_cast<int>(costs.size());
   if (begin == n) {
+    if (options.num_stages > 0 && std::popcount(used) != options.num_stages) return;
     if (bottleneck < best->bottleneck ||
         (bottleneck == best->bottleneck && latency < best->latency)) {
       best->bottleneck = bottleneck;
@@ -212,8 +214,9 @@ void ExpectConsistent(const Plan& plan, std::span<const LayerCost> costs,
   EXPECT_DOUBLE_EQ(plan.throughput_samples_per_s, 1000.0 * options.micro_batch / bottleneck);
 }
 
-void CheckAgainstBruteForce(DeviceOrder order) {
-  std::mt19937_64 rng(order == DeviceOrder::kAny ? 20240611 : 77);
+// fixed_stages: every trial asks for a stage count in [1, min(devices, layers)].
+void CheckAgainstBruteForce(DeviceOrder order, bool fixed_stages = false) {
+  std::mt19937_64 rng((order == DeviceOrder::kAny ? 20240611 : 77) + (fixed_stages ? 5 : 0));
   int feasible = 0, infeasible = 0;
   for (int trial = 0; trial < 300; ++trial) {
     SCOPED_TRACE("trial " + std::to_string(trial));
@@ -224,6 +227,7 @@ void CheckAgainstBruteForce(DeviceOrder order) {
     options.micro_batch = 1 + static_cast<int>(rng() % 64);
     options.in_flight = static_cast<int>(rng() % 3);
     options.order = order;
+    if (fixed_stages) options.num_stages = 1 + static_cast<int>(rng() % std::min(n, k));
     int64_t total = 0;
     for (const auto& c : costs) {
       total += c.param_bytes + c.scratch_bytes + options.micro_batch * 3 * c.output_bytes;
@@ -243,6 +247,9 @@ void CheckAgainstBruteForce(DeviceOrder order) {
     ASSERT_TRUE(plan.ok()) << plan.status().ToString();
     EXPECT_EQ(plan->order_searched, order == DeviceOrder::kAny);
     ExpectConsistent(*plan, costs, devices, options);
+    if (fixed_stages) {
+      EXPECT_EQ(static_cast<int>(plan->stages.size()), options.num_stages);
+    }
     EXPECT_EQ(plan->bottleneck_ms, best.bottleneck);
     EXPECT_NEAR(plan->latency_ms, best.latency, 1e-9 * best.latency);
   }
@@ -256,6 +263,23 @@ TEST(PlannerTest, MatchesBruteForceWhenChoosingDevicesAndOrder) {
 }
 
 TEST(PlannerTest, MatchesBruteForceInGivenOrder) { CheckAgainstBruteForce(DeviceOrder::kGiven); }
+
+TEST(PlannerTest, MatchesBruteForceWithAFixedStageCount) {
+  CheckAgainstBruteForce(DeviceOrder::kAny, /*fixed_stages=*/true);
+  CheckAgainstBruteForce(DeviceOrder::kGiven, /*fixed_stages=*/true);
+}
+
+TEST(PlannerTest, RefusesMoreStagesThanDevicesOrLayers) {
+  std::mt19937_64 rng(3);
+  const auto costs = RandomCosts(rng, 3);
+  const auto devices = RandomDevices(rng, costs, 2, 0);
+  PlanOptions options;
+  options.num_stages = 3;
+  auto plan = PlanPipeline(costs, devices, options);
+  ASSERT_FALSE(plan.ok());
+  EXPECT_EQ(plan.status().code(), Status::Code::kInvalidArgument);
+  EXPECT_NE(plan.status().message().find("3 stages"), std::string::npos);
+}
 
 // ---------------------------------------------------------------- specific plans
 

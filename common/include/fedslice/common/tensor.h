@@ -30,6 +30,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace fedslice {
@@ -46,8 +47,18 @@ class Tensor {
   explicit Tensor(std::vector<int64_t> shape);
   Tensor(const Tensor& other);
   Tensor& operator=(const Tensor& other);
-  Tensor(Tensor&& other) noexcept = default;
-  Tensor& operator=(Tensor&& other) noexcept = default;
+  // A moved-from tensor is empty (no data, no capacity), ready to be Resize()d again.
+  Tensor(Tensor&& other) noexcept { *this = std::move(other); }
+  Tensor& operator=(Tensor&& other) noexcept {
+    if (this != &other) {
+      data_ = std::move(other.data_);
+      shape_ = std::move(other.shape_);
+      size_ = std::exchange(other.size_, 0);
+      capacity_ = std::exchange(other.capacity_, 0);
+      other.shape_.clear();
+    }
+    return *this;
+  }
 
   // Gives the tensor `shape`. Keeps the storage when it is large enough (no allocation, data()
   // unchanged); the element values are then unspecified (whatever was there), so callers

@@ -1,0 +1,568 @@
+#include "fedslice/slicing/chain.h"
+
+#include <omp.h>
+
+#include <Eigen/Core>
+#include <algorithm>
+#include <cmath>
+
+#include "fedslice/common/net/encoded_tensor.h"
+#include "fedslice/common/threading.h"
+
+namespace fedslice::slicing {
+namespace {
+
+std::string ShapeString(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+int64_t Product(const std::vector<int64_t>& shape) {
+  int64_t p = 1;
+  for (int64_t d : shape) p *= d;
+  return p;
+}
+
+bool Splittable(const proto::LayerSpec& layer) { return layer.has_conv2d() || layer.has_dense(); }
+
+// Outputs (channels or features) of a conv2d / dense layer.
+int64_t Outputs(const proto::LayerSpec& layer) {
+  return layer.has_conv2d() ? layer.conv2d().out_channels() : layer.dense().out_features();
+}
+
+// The spec of a layer computing `count` of the outputs of `layer`.
+proto::LayerSpec PartSpec(const proto::LayerSpec& layer, int64_t count) {
+  proto::LayerSpec part = layer;
+  if (part.has_conv2d()) {
+    part.mutable_conv2d()->set_out_channels(static_cast<int32_t>(count));
+  } else {
+    part.mutable_dense()->set_out_features(static_cast<int32_t>(count));
+  }
+  return part;
+}
+
+std::vector<int64_t> WithBatch(int64_t batch, const std::vector<int64_t>& shape) {
+  std::vector<int64_t> s = {batch};
+  s.insert(s.end(), shape.begin(), shape.end());
+  return s;
+}
+
+// Rows [n0, n1) of `src` into `dst`.
+void CopyRows(const Tensor& src, int64_t n0, int64_t n1, Tensor* dst) {
+  std::vector<int64_t> shape = src.shape();
+  shape[0] = n1 - n0;
+  dst->Resize(shape);
+  const int64_t ss = src.sample_size();
+  std::copy_n(src.data() + n0 * ss, (n1 - n0) * ss, dst->data());
+}
+
+// For every sample, copies src's `channels` planes of `plane` floats into dst starting at
+// channel `at` (dst has dst_channels channels per sample).
+void CopyChannels(const Tensor& src, int64_t channels, int64_t plane, Tensor* dst,
+                  int64_t dst_channels, int64_t at) {
+  const int64_t batch = src.batch();
+  for (int64_t n = 0; n < batch; ++n) {
+    std::copy_n(src.data() + n * channels * plane, channels * plane,
+                dst->data() + (n * dst_channels + at) * plane);
+  }
+}
+
+constexpr int64_t kAlignFloats = 16;  // 64 bytes, Model's buffer alignment
+
+}  // namespace
+
+Result<Chain> Chain::Create(const proto::ModelSpec& model, const proto::ChainSpec& spec) {
+  if (model.layers_size() == 0) return Status::InvalidArgument("the model has no layers");
+  Chain chain;
+  chain.model_ = model;
+  chain.spec_ = spec;
+  std::vector<int64_t> shape(model.input_shape().begin(), model.input_shape().end());
+  if (shape.empty()) return Status::InvalidArgument("the model's input_shape is empty");
+  for (int64_t d : shape) {
+    if (d < 1 || d > (int64_t{1} << 20)) {
+      return Status::InvalidArgument("input_shape " + ShapeString(shape) + " is out of range");
+    }
+  }
+  chain.layer_shapes_.push_back(shape);
+  chain.layer_offsets_.push_back(0);
+  for (int i = 0; i < model.layers_size(); ++i) {
+    FEDSLICE_ASSIGN_OR_RETURN(std::unique_ptr<Layer> layer,
+                              CreateLayer(model.layers(i), chain.layer_shapes_.back(), i));
+    chain.layer_params_.push_back(layer->param_count());
+    chain.layer_offsets_.push_back(chain.layer_offsets_.back() + layer->param_count());
+    chain.layer_shapes_.push_back(layer->output_shape());
+  }
+  if (chain.layer_shapes_.back() != std::vector<int64_t>{model.num_classes()}) {
+    return Status::InvalidArgument("the last layer outputs " +
+                                   ShapeString(chain.layer_shapes_.back()) +
+                                   " but num_classes is " + std::to_string(model.num_classes()));
+  }
+  const int n = model.layers_size();
+  std::vector<int> parts(static_cast<size_t>(n), 1);
+  int previous = -1;
+  for (int s = 0; s < spec.splits_size(); ++s) {
+    const auto& split = spec.splits(s);
+    const std::string what = "chain split " + std::to_string(s) + " (layer " +
+                             std::to_string(split.layer_index()) + ")";
+    if (split.layer_index() >= static_cast<uint32_t>(n)) {
+      return Status::InvalidArgument(what + ": the model has " + std::to_string(n) + " layers");
+    }
+    const int layer = static_cast<int>(split.layer_index());
+    if (layer <= previous) {
+      return Status::InvalidArgument(what + ": layer indices must be strictly increasing");
+    }
+    previous = layer;
+    const auto& l = model.layers(layer);
+    if (!Splittable(l)) {
+      return Status::InvalidArgument(what + ": only conv2d and dense layers can be cut");
+    }
+    const int64_t limit = std::min<int64_t>(kMaxLayerParts, Outputs(l));
+    if (split.parts() < 2 || split.parts() > limit) {
+      return Status::InvalidArgument(what + ": parts = " + std::to_string(split.parts()) +
+                                     ", must be in [2, " + std::to_string(limit) + "]");
+    }
+    parts[static_cast<size_t>(layer)] = static_cast<int>(split.parts());
+  }
+  for (int i = 0; i < n; ++i) {
+    chain.first_unit_.push_back(static_cast<int>(chain.units_.size()));
+    const auto& l = model.layers(i);
+    const int p = parts[static_cast<size_t>(i)];
+    const int64_t outputs = Splittable(l) ? Outputs(l) : 0;
+    for (int j = 0; j < p; ++j) {
+      Unit u;
+      u.layer = i;
+      u.part = j;
+      u.parts = p;
+      u.out_begin = outputs * j / p;
+      u.out_end = outputs * (j + 1) / p;
+      chain.units_.push_back(u);
+      chain.unit_main_.push_back(chain.layer_shapes_[static_cast<size_t>(i)]);
+    }
+  }
+  chain.first_unit_.push_back(static_cast<int>(chain.units_.size()));
+  chain.unit_main_.push_back(chain.layer_shapes_.back());
+  return chain;
+}
+
+const std::vector<int64_t>& Chain::MainShape(int u) const {
+  return unit_main_[static_cast<size_t>(u)];
+}
+
+std::vector<int64_t> Chain::CarryShape(int u) const {
+  if (u >= num_units() || unit(u).part == 0) return {};
+  // The layer's output shape with the channel (first) dimension cut to the parts done.
+  std::vector<int64_t> shape = layer_shapes_[static_cast<size_t>(unit(u).layer) + 1];
+  shape[0] = unit(u).out_begin;
+  return shape;
+}
+
+std::vector<LayerCost> Chain::UnitCosts(std::span<const LayerCost> layer_costs) const {
+  std::vector<LayerCost> costs;
+  costs.reserve(units_.size());
+  for (int u = 0; u < num_units(); ++u) {
+    const Unit& unit = units_[static_cast<size_t>(u)];
+    const LayerCost& layer = layer_costs[static_cast<size_t>(unit.layer)];
+    LayerCost c = layer;
+    c.index = u;
+    if (unit.parts > 1) {
+      const auto& out_shape = layer_shapes_[static_cast<size_t>(unit.layer) + 1];
+      const double outputs = static_cast<double>(out_shape[0]);
+      const double share = static_cast<double>(unit.out_end - unit.out_begin) / outputs;
+      const int64_t plane_bytes = 4 * Product(out_shape) / out_shape[0];
+      c.name = layer.name + "[" + std::to_string(unit.part) + "/" + std::to_string(unit.parts) +
+               "]";
+      c.forward_flops = layer.forward_flops * share;
+      c.param_bytes = 4 * (unit.out_end - unit.out_begin) *
+                      (layer_params_[static_cast<size_t>(unit.layer)] / out_shape[0]);
+      c.input_bytes = layer.input_bytes + unit.out_begin * plane_bytes;
+      c.output_bytes = unit.part + 1 == unit.parts ? layer.output_bytes
+                                                   : layer.input_bytes + unit.out_end * plane_bytes;
+    }
+    costs.push_back(std::move(c));
+  }
+  return costs;
+}
+
+std::vector<double> Chain::UnitTimes(std::span<const double> layer_ms) const {
+  std::vector<double> times;
+  times.reserve(units_.size());
+  for (const Unit& unit : units_) {
+    double t = layer_ms[static_cast<size_t>(unit.layer)];
+    if (unit.parts > 1) {
+      const double outputs = static_cast<double>(layer_shapes_[static_cast<size_t>(unit.layer) + 1][0]);
+      t *= static_cast<double>(unit.out_end - unit.out_begin) / outputs;
+    }
+    times.push_back(t);
+  }
+  return times;
+}
+
+int64_t Chain::SliceParamCount(int begin, int end) const {
+  int64_t count = 0;
+  for (int u = begin; u < end; ++u) {
+    const Unit& unit = units_[static_cast<size_t>(u)];
+    const int64_t params = layer_params_[static_cast<size_t>(unit.layer)];
+    if (unit.parts == 1) {
+      count += params;
+    } else {
+      const int64_t outputs = layer_shapes_[static_cast<size_t>(unit.layer) + 1][0];
+      count += (unit.out_end - unit.out_begin) * (params / outputs);
+    }
+  }
+  return count;
+}
+
+Result<std::vector<float>> Chain::PackSlice(std::span<const float> model_params, int begin,
+                                            int end) const {
+  if (begin < 0 || begin >= end || end > num_units()) {
+    return Status::InvalidArgument("unit range [" + std::to_string(begin) + ", " +
+                                   std::to_string(end) + ") is not within [0, " +
+                                   std::to_string(num_units()) + "]");
+  }
+  if (static_cast<int64_t>(model_params.size()) != layer_offsets_.back()) {
+    return Status::InvalidArgument("the model has " + std::to_string(layer_offsets_.back()) +
+                                   " parameters, got " + std::to_string(model_params.size()));
+  }
+  std::vector<float> packed;
+  packed.reserve(static_cast<size_t>(SliceParamCount(begin, end)));
+  for (int u = begin; u < end; ++u) {
+    const Unit& unit = units_[static_cast<size_t>(u)];
+    const int64_t offset = layer_offsets_[static_cast<size_t>(unit.layer)];
+    const int64_t params = layer_params_[static_cast<size_t>(unit.layer)];
+    const float* p = model_params.data() + offset;
+    if (unit.parts == 1) {
+      packed.insert(packed.end(), p, p + params);
+      continue;
+    }
+    const int64_t outputs = layer_shapes_[static_cast<size_t>(unit.layer) + 1][0];
+    const int64_t fan_in = params / outputs - 1;  // weights per output; then one bias
+    packed.insert(packed.end(), p + unit.out_begin * fan_in, p + unit.out_end * fan_in);
+    const float* bias = p + outputs * fan_in;
+    packed.insert(packed.end(), bias + unit.out_begin, bias + unit.out_end);
+  }
+  return packed;
+}
+
+std::string Chain::Describe(int begin, int end) const {
+  auto name = [&](int u) {
+    const Unit& unit = units_[static_cast<size_t>(u)];
+    std::string s = model_.layers(unit.layer).name();
+    if (s.empty()) s = "layer" + std::to_string(unit.layer);
+    if (unit.parts > 1) s += "[" + std::to_string(unit.part) + "/" + std::to_string(unit.parts) + "]";
+    return s;
+  };
+  if (begin < 0 || begin >= end || end > num_units()) return "(empty)";
+  return end - begin == 1 ? name(begin) : name(begin) + ".." + name(end - 1);
+}
+
+proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerCost> layer_costs,
+                           int max_stages) {
+  proto::ChainSpec spec;
+  if (max_stages <= 1) return spec;
+  double total = 0;
+  for (const LayerCost& c : layer_costs) total += c.forward_flops;
+  if (total <= 0) return spec;
+  for (int i = 0; i < model.layers_size() && i < static_cast<int>(layer_costs.size()); ++i) {
+    const auto& l = model.layers(i);
+    if (!Splittable(l)) continue;
+    const double share = layer_costs[static_cast<size_t>(i)].forward_flops / total;
+    if (share <= 1.0 / (2.0 * max_stages)) continue;
+    const int64_t parts = std::min<int64_t>(
+        {static_cast<int64_t>(std::ceil(2.0 * max_stages * share)), Outputs(l), kMaxLayerParts});
+    if (parts < 2) continue;
+    auto* split = spec.add_splits();
+    split->set_layer_index(static_cast<uint32_t>(i));
+    split->set_parts(static_cast<uint32_t>(parts));
+  }
+  return spec;
+}
+
+// ---------------------------------------------------------------------------------------------
+// StageExecutor
+
+struct StageExecutor::Impl {
+  using FloatBuffer = std::vector<float, Eigen::aligned_allocator<float>>;
+  // One unit's parameters, placed so that their address modulo 64 bytes is the one they have
+  // in a Model (some kernels take different code paths, and so round differently, by
+  // alignment).
+  struct UnitParams {
+    FloatBuffer buffer;
+    int64_t pad = 0;
+    float* data() { return buffer.data() + pad; }
+  };
+  // A worker's layers (one per unit) and scratch: layers keep per-batch state, so threads
+  // cannot share them.
+  struct Worker {
+    std::vector<std::unique_ptr<Layer>> layers;
+    std::vector<Tensor> acts;
+    Tensor input, carry, combined, out, out_carry;
+  };
+  std::vector<UnitParams> params;
+  std::vector<proto::LayerSpec> unit_specs;
+  std::vector<Worker> workers;
+};
+
+StageExecutor::StageExecutor(const Chain& chain, int begin, int end)
+    : chain_(chain), begin_(begin), end_(end), impl_(std::make_unique<Impl>()) {}
+
+StageExecutor::~StageExecutor() = default;
+
+Result<std::unique_ptr<StageExecutor>> StageExecutor::Create(const Chain& chain, int begin,
+                                                             int end,
+                                                             std::span<const float> packed) {
+  if (begin < 0 || begin >= end || end > chain.num_units()) {
+    return Status::InvalidArgument("unit range [" + std::to_string(begin) + ", " +
+                                   std::to_string(end) + ") is not within [0, " +
+                                   std::to_string(chain.num_units()) + "]");
+  }
+  const int64_t expected = chain.SliceParamCount(begin, end);
+  if (static_cast<int64_t>(packed.size()) != expected) {
+    return Status::InvalidArgument("the slice " + chain.Describe(begin, end) + " has " +
+                                   std::to_string(expected) + " parameters, got " +
+                                   std::to_string(packed.size()));
+  }
+  if (const size_t bad = net::FindNonFinite(packed); bad != packed.size()) {
+    return Status::InvalidArgument("slice parameter " + std::to_string(bad) + " is not finite");
+  }
+  std::unique_ptr<StageExecutor> ex(new StageExecutor(chain, begin, end));
+  Impl& impl = *ex->impl_;
+  // Where each unit's weights sit in the model's flat buffer (for the alignment).
+  std::vector<int64_t> layer_offsets = {0};
+  for (int i = 0; i < chain.num_layers(); ++i) {
+    auto layer = CreateLayer(chain.model().layers(i), chain.MainShape(chain.FirstUnitOfLayer(i)), i);
+    if (!layer.ok()) return layer.status();
+    layer_offsets.push_back(layer_offsets.back() + (*layer)->param_count());
+  }
+  int64_t at = 0;
+  for (int u = begin; u < end; ++u) {
+    const Unit& unit = chain.unit(u);
+    const auto& layer_spec = chain.model().layers(unit.layer);
+    proto::LayerSpec spec =
+        unit.parts > 1 ? PartSpec(layer_spec, unit.out_end - unit.out_begin) : layer_spec;
+    const int64_t count = chain.SliceParamCount(u, u + 1);
+    int64_t model_offset = layer_offsets[static_cast<size_t>(unit.layer)];
+    if (unit.parts > 1) {
+      // A part's weights are rows [out_begin, out_end) of the layer's [outputs, fan_in].
+      const int64_t fan_in = count / (unit.out_end - unit.out_begin) - 1;
+      model_offset += unit.out_begin * fan_in;
+    }
+    Impl::UnitParams p;
+    p.pad = model_offset % kAlignFloats;
+    p.buffer.assign(static_cast<size_t>(p.pad + std::max<int64_t>(count, 1)), 0.0f);
+    std::copy_n(packed.data() + at, count, p.data());
+    at += count;
+    impl.params.push_back(std::move(p));
+    impl.unit_specs.push_back(std::move(spec));
+  }
+  // Build worker 0 now so that spec problems surface here, not in Run.
+  Impl::Worker w;
+  for (int u = begin; u < end; ++u) {
+    FEDSLICE_ASSIGN_OR_RETURN(
+        std::unique_ptr<Layer> layer,
+        CreateLayer(impl.unit_specs[static_cast<size_t>(u - begin)], chain.MainShape(u),
+                    chain.unit(u).layer));
+    // Inference never writes gradients; the parameter pointer doubles as the gradient one so
+    // that no gradient buffer is allocated.
+    float* p = impl.params[static_cast<size_t>(u - begin)].data();
+    layer->BindParams(p, p);
+    w.layers.push_back(std::move(layer));
+  }
+  w.acts.resize(static_cast<size_t>(end - begin));
+  impl.workers.push_back(std::move(w));
+  return ex;
+}
+
+Status StageExecutor::Run(const Tensor& in, const Tensor& carry, Tensor* out, Tensor* out_carry) {
+  const int64_t batch = in.batch();
+  if (batch < 1 || batch > kMaxBatch) {
+    return Status::InvalidArgument("batch of " + std::to_string(batch) + " samples; must be in [1, " +
+                                   std::to_string(kMaxBatch) + "]");
+  }
+  if (in.shape() != WithBatch(batch, chain_.MainShape(begin_))) {
+    return Status::InvalidArgument("input is " + ShapeString(in.shape()) + ", the slice " +
+                                   chain_.Describe(begin_, end_) + " takes " +
+                                   ShapeString(WithBatch(batch, chain_.MainShape(begin_))));
+  }
+  const std::vector<int64_t> carry_shape = chain_.CarryShape(begin_);
+  if (!carry_shape.empty() && carry.shape() != WithBatch(batch, carry_shape)) {
+    return Status::InvalidArgument("carry is " + ShapeString(carry.shape()) + ", the slice " +
+                                   chain_.Describe(begin_, end_) + " takes " +
+                                   ShapeString(WithBatch(batch, carry_shape)));
+  }
+  Impl& impl = *impl_;
+  // The same batch split as Model::Forward: min(threads, batch) workers, each running every
+  // unit on its rows; one worker lets the layers parallelise internally.
+  const int workers = static_cast<int>(std::min<int64_t>(NumThreads(), batch));
+  while (static_cast<int>(impl.workers.size()) < std::max(workers, 1)) {
+    Impl::Worker w;
+    for (int u = begin_; u < end_; ++u) {
+      auto layer = CreateLayer(impl.unit_specs[static_cast<size_t>(u - begin_)],
+                               chain_.MainShape(u), chain_.unit(u).layer);
+      float* p = impl.params[static_cast<size_t>(u - begin_)].data();
+      (*layer)->BindParams(p, p);
+      w.layers.push_back(std::move(*layer));
+    }
+    w.acts.resize(static_cast<size_t>(end_ - begin_));
+    impl.workers.push_back(std::move(w));
+  }
+  out->Resize(WithBatch(batch, chain_.MainShape(end_)));
+  const std::vector<int64_t> out_carry_shape = chain_.CarryShape(end_);
+  if (!out_carry_shape.empty()) {
+    out_carry->Resize(WithBatch(batch, out_carry_shape));
+  } else {
+    *out_carry = Tensor();
+  }
+
+  // Runs every unit on rows [n0, n1) of worker `t`; the results land in its out/out_carry.
+  auto run_rows = [&](Impl::Worker& w, const Tensor& rows_in, const Tensor* rows_carry) {
+    const Tensor* cur = &rows_in;
+    const int64_t rows = rows_in.batch();
+    int u = begin_;
+    while (u < end_) {
+      const Unit& unit = chain_.unit(u);
+      const size_t k = static_cast<size_t>(u - begin_);
+      if (unit.parts == 1) {
+        w.layers[k]->Forward(*cur, &w.acts[k], false);
+        cur = &w.acts[k];
+        ++u;
+        continue;
+      }
+      // Parts of one cut layer: each computes its outputs from the layer's input; they are
+      // stacked by channel after the outputs carried in.
+      const auto& out_shape = chain_.MainShape(chain_.FirstUnitOfLayer(unit.layer + 1));
+      const int64_t plane = Product(out_shape) / out_shape[0];
+      int last = u;
+      while (last + 1 < end_ && chain_.unit(last + 1).layer == unit.layer) ++last;
+      const int64_t done = chain_.unit(last).out_end;
+      std::vector<int64_t> combined_shape = out_shape;
+      combined_shape[0] = done;
+      w.combined.Resize(WithBatch(rows, combined_shape));
+      if (unit.part > 0) {
+        CopyChannels(*rows_carry, unit.out_begin, plane, &w.combined, done, 0);
+      }
+      for (int v = u; v <= last; ++v) {
+        const size_t kv = static_cast<size_t>(v - begin_);
+        const Unit& part = chain_.unit(v);
+        w.layers[kv]->Forward(*cur, &w.acts[kv], false);
+        CopyChannels(w.acts[kv], part.out_end - part.out_begin, plane, &w.combined, done,
+                     part.out_begin);
+      }
+      if (chain_.unit(last).part + 1 < chain_.unit(last).parts) {
+        // The slice ends inside the layer: its input goes on, with the channels done so far.
+        w.out_carry = w.combined;
+        if (cur != &w.out) w.out = *cur;
+        return;
+      }
+      w.acts[static_cast<size_t>(last - begin_)] = w.combined;
+      cur = &w.acts[static_cast<size_t>(last - begin_)];
+      u = last + 1;
+    }
+    w.out = *cur;
+  };
+
+  if (workers <= 1) {
+    Impl::Worker& w = impl.workers[0];
+    run_rows(w, in, carry_shape.empty() ? nullptr : &carry);
+    std::swap(*out, w.out);
+    if (!out_carry_shape.empty()) std::swap(*out_carry, w.out_carry);
+    return Status::Ok();
+  }
+#pragma omp parallel num_threads(workers)
+  {
+    const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t n0 = batch * t / nt, n1 = batch * (t + 1) / nt;
+    Impl::Worker& w = impl.workers[static_cast<size_t>(t)];
+    CopyRows(in, n0, n1, &w.input);
+    if (!carry_shape.empty()) CopyRows(carry, n0, n1, &w.carry);
+    run_rows(w, w.input, carry_shape.empty() ? nullptr : &w.carry);
+    std::copy_n(w.out.data(), w.out.size(), out->data() + n0 * w.out.sample_size());
+    if (!out_carry_shape.empty()) {
+      std::copy_n(w.out_carry.data(), w.out_carry.size(),
+                  out_carry->data() + n0 * w.out_carry.sample_size());
+    }
+  }
+  return Status::Ok();
+}
+
+Result<proto::ActivationBatch> StageExecutor::Run(const proto::ActivationBatch& batch,
+                                                  const codec::CodecSpec& codec) {
+  if (batch.unit() != static_cast<uint32_t>(begin_)) {
+    return Status::InvalidArgument("activation batch " + std::to_string(batch.batch_id()) +
+                                   " enters at unit " + std::to_string(batch.unit()) +
+                                   ", this stage starts at unit " + std::to_string(begin_));
+  }
+  if (batch.num_samples() < 1 || batch.num_samples() > kMaxBatch) {
+    return Status::InvalidArgument("activation batch " + std::to_string(batch.batch_id()) +
+                                   " has " + std::to_string(batch.num_samples()) +
+                                   " samples; must be in [1, " + std::to_string(kMaxBatch) + "]");
+  }
+  const int64_t n = batch.num_samples();
+  Tensor in, carry;
+  Status s = DecodeActivation(batch.data(), WithBatch(n, chain_.MainShape(begin_)), &in);
+  if (!s.ok()) return s.WithContext("activation batch " + std::to_string(batch.batch_id()) + " data");
+  const std::vector<int64_t> carry_shape = chain_.CarryShape(begin_);
+  if (!carry_shape.empty()) {
+    if (!batch.has_carry()) {
+      return Status::InvalidArgument("activation batch " + std::to_string(batch.batch_id()) +
+                                     " has no carry; unit " + std::to_string(begin_) +
+                                     " is inside a cut layer and needs one");
+    }
+    s = DecodeActivation(batch.carry(), WithBatch(n, carry_shape), &carry);
+    if (!s.ok()) return s.WithContext("activation batch " + std::to_string(batch.batch_id()) + " carry");
+  } else if (batch.has_carry() && batch.carry().num_values() != 0) {
+    return Status::InvalidArgument("activation batch " + std::to_string(batch.batch_id()) +
+                                   " carries values into unit " + std::to_string(begin_) +
+                                   ", which starts a layer");
+  }
+  Tensor out, out_carry;
+  FEDSLICE_RETURN_IF_ERROR(Run(in, carry, &out, &out_carry));
+  proto::ActivationBatch result;
+  result.set_pipeline_id(batch.pipeline_id());
+  result.set_batch_id(batch.batch_id());
+  result.set_unit(static_cast<uint32_t>(end_));
+  result.set_num_samples(batch.num_samples());
+  FEDSLICE_RETURN_IF_ERROR(EncodeActivation(out, codec, result.mutable_data()));
+  if (out_carry.size() > 0) {
+    FEDSLICE_RETURN_IF_ERROR(EncodeActivation(out_carry, codec, result.mutable_carry()));
+  }
+  return result;
+}
+
+Status EncodeActivation(const Tensor& tensor, const codec::CodecSpec& codec,
+                        proto::EncodedTensor* out) {
+  if (codec.kind == codec::CodecKind::kFp32) {
+    FEDSLICE_RETURN_IF_ERROR(net::EncodeFp32(tensor.span(), out));
+  } else if (codec.kind == codec::CodecKind::kInt8) {
+    FEDSLICE_RETURN_IF_ERROR(codec::Encode(codec, tensor.span(), out));
+  } else {
+    return Status::InvalidArgument("activation codec '" + codec.name +
+                                   "' is not supported; use fp32 or int8");
+  }
+  out->clear_shape();
+  for (int64_t d : tensor.shape()) out->add_shape(d);
+  return Status::Ok();
+}
+
+Status DecodeActivation(const proto::EncodedTensor& encoded, const std::vector<int64_t>& shape,
+                        Tensor* out) {
+  if (encoded.codec() != "fp32" && encoded.codec() != "int8") {
+    return Status::InvalidArgument("activation codec '" + encoded.codec().substr(0, 64) +
+                                   "' is not supported; use fp32 or int8");
+  }
+  const std::vector<int64_t> got(encoded.shape().begin(), encoded.shape().end());
+  if (got != shape) {
+    return Status::InvalidArgument("tensor shape " + ShapeString(got) + ", expected " +
+                                   ShapeString(shape));
+  }
+  const int64_t count = Product(shape);
+  if (encoded.num_values() != static_cast<uint64_t>(count)) {
+    return Status::InvalidArgument("tensor has " + std::to_string(encoded.num_values()) +
+                                   " values, its shape " + ShapeString(shape) + " needs " +
+                                   std::to_string(count));
+  }
+  out->Resize(shape);
+  return codec::Decode(encoded, out->span());
+}
+
+}  // namespace fedslice::slicing

@@ -1,0 +1,325 @@
+#include "fedslice/slicing/chain.h"
+
+#include <gmock/gmock.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+
+#include "fedslice/common/model.h"
+#include "fedslice/common/model_zoo.h"
+#include "fedslice/common/threading.h"
+#include "fedslice/slicing/pipeline.h"
+
+namespace fedslice::slicing {
+namespace {
+
+using ::testing::HasSubstr;
+
+proto::ChainSpec Splits(std::initializer_list<std::pair<int, int>> cuts) {
+  proto::ChainSpec spec;
+  for (auto [layer, parts] : cuts) {
+    auto* s = spec.add_splits();
+    s->set_layer_index(static_cast<uint32_t>(layer));
+    s->set_parts(static_cast<uint32_t>(parts));
+  }
+  return spec;
+}
+
+Tensor RandomInput(const Model& model, int64_t batch, uint64_t seed) {
+  std::vector<int64_t> shape = {batch};
+  for (int64_t d : model.InputShape(0)) shape.push_back(d);
+  Tensor t(shape);
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  for (float& x : t.span()) x = u(rng);
+  return t;
+}
+
+// Runs `model` stage by stage over `bounds` (unit boundaries 0 = b0 < b1 < ... = num_units),
+// each stage with its own executor built from packed parameters, through the message form
+// when `codec` is given.
+Tensor RunPipeline(const Model& model, const Chain& chain, const std::vector<int>& bounds,
+                   const Tensor& input, const codec::CodecSpec* codec = nullptr) {
+  Tensor main = input, carry;
+  proto::ActivationBatch batch;
+  if (codec != nullptr) {
+    batch.set_num_samples(static_cast<uint32_t>(input.batch()));
+    EXPECT_TRUE(EncodeActivation(input, *codec::ParseCodec("fp32"), batch.mutable_data()).ok());
+  }
+  for (size_t s = 0; s + 1 < bounds.size(); ++s) {
+    auto packed = chain.PackSlice(model.params(), bounds[s], bounds[s + 1]);
+    EXPECT_TRUE(packed.ok()) << packed.status().ToString();
+    auto ex = StageExecutor::Create(chain, bounds[s], bounds[s + 1], *packed);
+    EXPECT_TRUE(ex.ok()) << ex.status().ToString();
+    if (codec != nullptr) {
+      const bool last = s + 2 == bounds.size();
+      auto next = (*ex)->Run(batch, last ? *codec::ParseCodec("fp32") : *codec);
+      EXPECT_TRUE(next.ok()) << next.status().ToString();
+      batch = std::move(*next);
+      continue;
+    }
+    Tensor out, out_carry;
+    const Status st = (*ex)->Run(main, carry, &out, &out_carry);
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    main = std::move(out);
+    carry = std::move(out_carry);
+  }
+  if (codec != nullptr) {
+    EXPECT_EQ(batch.unit(), static_cast<uint32_t>(chain.num_units()));
+    Tensor logits;
+    EXPECT_TRUE(DecodeActivation(batch.data(),
+                                 {input.batch(), static_cast<int64_t>(model.num_classes())},
+                                 &logits)
+                    .ok());
+    return logits;
+  }
+  EXPECT_EQ(carry.size(), 0);
+  return main;
+}
+
+
+
+TEST(ChainTest, WholeLayersAreOneUnitEach) {
+  auto chain = Chain::Create(CnnSpec(), {});
+  ASSERT_TRUE(chain.ok()) << chain.status().ToString();
+  EXPECT_EQ(chain->num_units(), chain->num_layers());
+  EXPECT_EQ(chain->MainShape(0), (std::vector<int64_t>{1, 28, 28}));
+  EXPECT_EQ(chain->MainShape(chain->num_units()), (std::vector<int64_t>{10}));
+  for (int u = 0; u <= chain->num_units(); ++u) EXPECT_TRUE(chain->CarryShape(u).empty());
+  EXPECT_EQ(chain->Describe(0, 3), "conv1..pool1");
+}
+
+TEST(ChainTest, CutLayerCarriesItsInputAndTheChannelsDone) {
+  // cnn: conv1 relu1 pool1 conv2 relu2 pool2 flatten fc1 relu3 fc2; conv2 has 64 channels.
+  auto chain = Chain::Create(CnnSpec(), Splits({{3, 3}}));
+  ASSERT_TRUE(chain.ok()) << chain.status().ToString();
+  ASSERT_EQ(chain->num_units(), 12);
+  EXPECT_EQ(chain->FirstUnitOfLayer(3), 3);
+  EXPECT_EQ(chain->FirstUnitOfLayer(4), 6);
+  EXPECT_EQ(chain->unit(4).out_begin, 21);
+  EXPECT_EQ(chain->unit(4).out_end, 42);
+  EXPECT_EQ(chain->unit(5).out_end, 64);
+  EXPECT_EQ(chain->MainShape(4), (std::vector<int64_t>{32, 14, 14}));  // conv2's input
+  EXPECT_EQ(chain->CarryShape(4), (std::vector<int64_t>{21, 14, 14}));
+  EXPECT_EQ(chain->CarryShape(5), (std::vector<int64_t>{42, 14, 14}));
+  EXPECT_TRUE(chain->CarryShape(6).empty());
+  EXPECT_EQ(chain->MainShape(6), (std::vector<int64_t>{64, 14, 14}));
+  EXPECT_EQ(chain->Describe(2, 5), "pool1..conv2[1/3]");
+}
+
+TEST(ChainTest, UnitCostsAddUpToTheLayers) {
+  auto model = Model::Create(CnnSpec());
+  ASSERT_TRUE(model.ok());
+  const auto layer_costs = ComputeLayerCosts(*model);
+  auto chain = Chain::Create(CnnSpec(), Splits({{3, 5}, {7, 2}}));
+  ASSERT_TRUE(chain.ok());
+  const auto unit_costs = chain->UnitCosts(layer_costs);
+  ASSERT_EQ(static_cast<int>(unit_costs.size()), chain->num_units());
+  double flops = 0, layer_flops = 0;
+  int64_t params = 0, layer_params = 0;
+  for (const auto& c : unit_costs) flops += c.forward_flops, params += c.param_bytes;
+  for (const auto& c : layer_costs) layer_flops += c.forward_flops, layer_params += c.param_bytes;
+  EXPECT_NEAR(flops, layer_flops, 1e-9 * layer_flops);
+  EXPECT_EQ(params, layer_params);
+  EXPECT_EQ(params, 4 * chain->SliceParamCount(0, chain->num_units()));
+  // A boundary inside conv2 sends its input (32x14x14) plus the channels done.
+  EXPECT_EQ(unit_costs[4].output_bytes, 4 * (32 * 14 * 14 + 25 * 14 * 14));
+  EXPECT_EQ(unit_costs[7].output_bytes, layer_costs[3].output_bytes);  // last part
+  EXPECT_EQ(unit_costs[4].name, "conv2[1/5]");
+  const std::vector<double> layer_ms(static_cast<size_t>(chain->num_layers()), 2.0);
+  const auto unit_ms = chain->UnitTimes(layer_ms);
+  EXPECT_DOUBLE_EQ(unit_ms[3] + unit_ms[4] + unit_ms[5] + unit_ms[6] + unit_ms[7], 2.0);
+}
+
+TEST(ChainTest, RejectsBadCuts) {
+  auto expect_bad = [](const proto::ChainSpec& spec, const std::string& what) {
+    auto chain = Chain::Create(CnnSpec(), spec);
+    ASSERT_FALSE(chain.ok()) << what;
+    EXPECT_EQ(chain.status().code(), Status::Code::kInvalidArgument);
+    EXPECT_THAT(chain.status().message(), HasSubstr(what));
+  };
+  expect_bad(Splits({{99, 2}}), "the model has 10 layers");
+  expect_bad(Splits({{1, 2}}), "only conv2d and dense");
+  expect_bad(Splits({{3, 2}, {0, 2}}), "strictly increasing");
+  expect_bad(Splits({{3, 1}}), "parts = 1");
+  expect_bad(Splits({{0, 33}}), "parts = 33");  // conv1 has 32 channels
+  proto::ModelSpec broken = CnnSpec();
+  broken.set_num_classes(7);
+  EXPECT_FALSE(Chain::Create(broken, {}).ok());
+}
+
+TEST(ChainTest, AutoSplitCutsTheHeavyLayers) {
+  auto model = Model::Create(CnnSpec());
+  ASSERT_TRUE(model.ok());
+  const auto costs = ComputeLayerCosts(*model);
+  EXPECT_EQ(AutoSplit(CnnSpec(), costs, 1).splits_size(), 0);
+  const proto::ChainSpec spec = AutoSplit(CnnSpec(), costs, 4);
+  ASSERT_GE(spec.splits_size(), 1);
+  EXPECT_EQ(spec.splits(0).layer_index(), 3u);  // conv2, ~80% of the FLOPs: ~7 parts
+  EXPECT_GE(spec.splits(0).parts(), 6u);
+  EXPECT_TRUE(Chain::Create(CnnSpec(), spec).ok());
+}
+
+// Whole-layer slices give exactly the single-process logits, for any cut points, batch sizes
+// and thread counts the engine promises determinism for.
+TEST(StageExecutorTest, WholeLayerSlicesAreBitIdenticalToTheModel) {
+  for (const auto& spec : {MlpSpec(), CnnSpec()}) {
+    auto model = Model::Create(spec);
+    ASSERT_TRUE(model.ok());
+    auto chain = Chain::Create(spec, {});
+    ASSERT_TRUE(chain.ok());
+    const int n = chain->num_units();
+    std::mt19937_64 rng(5);
+    for (int threads : {1, 2}) {
+      SetNumThreads(threads);
+      for (int64_t batch : {2, 17, 64}) {
+        const Tensor input = RandomInput(*model, batch, static_cast<uint64_t>(batch));
+        Tensor expected;
+        ASSERT_TRUE(model->Forward(input, &expected).ok());
+        for (int trial = 0; trial < 4; ++trial) {
+          std::vector<int> bounds = {0};
+          for (int u = 1; u < n; ++u) {
+            if (rng() % 3 == 0) bounds.push_back(u);
+          }
+          bounds.push_back(n);
+          const Tensor got = RunPipeline(*model, *chain, bounds, input);
+          ASSERT_EQ(got.shape(), expected.shape());
+          for (int64_t i = 0; i < got.size(); ++i) {
+            ASSERT_EQ(got.data()[i], expected.data()[i])
+                << spec.name() << " batch " << batch << " threads " << threads << " value " << i;
+          }
+        }
+      }
+    }
+    SetNumThreads(0);
+  }
+}
+
+TEST(StageExecutorTest, CutLayersMatchTheModelClosely) {
+  const proto::ModelSpec spec = CnnSpec();
+  auto model = Model::Create(spec);
+  ASSERT_TRUE(model.ok());
+  auto chain = Chain::Create(spec, Splits({{3, 7}, {7, 3}}));
+  ASSERT_TRUE(chain.ok());
+  const Tensor input = RandomInput(*model, 33, 9);
+  Tensor expected;
+  ASSERT_TRUE(model->Forward(input, &expected).ok());
+  // Stage boundaries inside conv2 (after parts 1 and 4) and inside fc1.
+  const int fc1 = chain->FirstUnitOfLayer(7);
+  for (const std::vector<int>& bounds :
+       {std::vector<int>{0, 5, 8, chain->num_units()},
+        std::vector<int>{0, 4, 6, 9, fc1 + 1, chain->num_units()},
+        std::vector<int>{0, chain->num_units()}}) {
+    const Tensor got = RunPipeline(*model, *chain, bounds, input);
+    ASSERT_EQ(got.shape(), expected.shape());
+    for (int64_t i = 0; i < got.size(); ++i) {
+      ASSERT_NEAR(got.data()[i], expected.data()[i], 1e-5) << "value " << i;
+    }
+  }
+}
+
+TEST(StageExecutorTest, MessagesRoundTripWithFp32AndInt8Activations) {
+  const proto::ModelSpec spec = CnnSpec();
+  auto model = Model::Create(spec);
+  ASSERT_TRUE(model.ok());
+  auto chain = Chain::Create(spec, Splits({{3, 4}}));
+  ASSERT_TRUE(chain.ok());
+  const Tensor input = RandomInput(*model, 16, 2);
+  Tensor expected;
+  ASSERT_TRUE(model->Forward(input, &expected).ok());
+  const std::vector<int> bounds = {0, 5, chain->num_units()};
+  auto fp32 = codec::ParseCodec("fp32");
+  const Tensor exact = RunPipeline(*model, *chain, bounds, input, &*fp32);
+  auto int8 = codec::ParseCodec("int8");
+  const Tensor approx = RunPipeline(*model, *chain, bounds, input, &*int8);
+  double max_exact = 0, max_approx = 0, scale = 0;
+  for (int64_t i = 0; i < expected.size(); ++i) {
+    max_exact = std::max(max_exact, double{std::abs(exact.data()[i] - expected.data()[i])});
+    max_approx = std::max(max_approx, double{std::abs(approx.data()[i] - expected.data()[i])});
+    scale = std::max(scale, double{std::abs(expected.data()[i])});
+  }
+  EXPECT_LE(max_exact, 1e-5);
+  // int8 quantises each 256-value block to 1/255 of its range: a small, non-zero error.
+  EXPECT_GT(max_approx, 0.0);
+  EXPECT_LE(max_approx, 0.05 * scale);
+}
+
+TEST(StageExecutorTest, RejectsBadBatchesAndKeepsWorking) {
+  const proto::ModelSpec spec = CnnSpec();
+  auto model = Model::Create(spec);
+  ASSERT_TRUE(model.ok());
+  auto chain = Chain::Create(spec, Splits({{3, 4}}));
+  ASSERT_TRUE(chain.ok());
+  auto packed = chain->PackSlice(model->params(), 4, 8);
+  ASSERT_TRUE(packed.ok());
+  auto ex = StageExecutor::Create(*chain, 4, 8, *packed);
+  ASSERT_TRUE(ex.ok()) << ex.status().ToString();
+  auto fp32 = *codec::ParseCodec("fp32");
+
+  Tensor main({2, 32, 14, 14}), carry({2, 16, 14, 14});
+  main.SetZero();
+  carry.SetZero();
+  proto::ActivationBatch good;
+  good.set_unit(4);
+  good.set_num_samples(2);
+  ASSERT_TRUE(EncodeActivation(main, fp32, good.mutable_data()).ok());
+  ASSERT_TRUE(EncodeActivation(carry, fp32, good.mutable_carry()).ok());
+
+  auto expect_bad = [&](proto::ActivationBatch b, const std::string& what) {
+    auto r = (*ex)->Run(b, fp32);
+    ASSERT_FALSE(r.ok()) << what;
+    EXPECT_EQ(r.status().code(), Status::Code::kInvalidArgument);
+    EXPECT_THAT(r.status().ToString(), HasSubstr(what));
+  };
+  proto::ActivationBatch b = good;
+  b.set_unit(3);
+  expect_bad(b, "starts at unit 4");
+  b = good;
+  b.clear_carry();
+  expect_bad(b, "needs one");
+  b = good;
+  b.mutable_data()->set_shape(1, 31);
+  expect_bad(b, "expected [2, 32, 14, 14]");
+  b = good;
+  b.set_num_samples(3);
+  expect_bad(b, "expected [3, 32, 14, 14]");
+  b = good;
+  const float nan = std::nanf("");
+  b.mutable_data()->mutable_payload()->replace(8, 4, reinterpret_cast<const char*>(&nan), 4);
+  expect_bad(b, "finite");
+  b = good;
+  b.mutable_carry()->set_codec("topk:0.1");
+  expect_bad(b, "not supported");
+
+  auto r = (*ex)->Run(good, fp32);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->unit(), 8u);
+  EXPECT_EQ(r->carry().num_values(), 0u);
+  EXPECT_EQ(r->data().shape(0), 2);
+
+  EXPECT_FALSE(StageExecutor::Create(*chain, 4, 8, std::span(*packed).first(10)).ok());
+  std::vector<float> poisoned = *packed;
+  poisoned[3] = std::nanf("");
+  auto bad = StageExecutor::Create(*chain, 4, 8, poisoned);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_THAT(bad.status().message(), HasSubstr("not finite"));
+}
+
+TEST(EndpointTest, ParsesHostPortAndRejectsTheRest) {
+  auto a = ParseEndpoint("client-1:7001");
+  ASSERT_TRUE(a.ok());
+  EXPECT_EQ(a->host, "client-1");
+  EXPECT_EQ(a->port, 7001);
+  EXPECT_EQ(a->ToString(), "client-1:7001");
+  auto v6 = ParseEndpoint("[::1]:9");
+  ASSERT_TRUE(v6.ok());
+  EXPECT_EQ(v6->host, "::1");
+  EXPECT_EQ(v6->ToString(), "[::1]:9");
+  for (const char* bad : {"", "host", ":80", "host:0", "host:65536", "host:8x", "::1:80", "[::1:80"}) {
+    EXPECT_FALSE(ParseEndpoint(bad).ok()) << bad;
+  }
+}
+
+}  // namespace
+}  // namespace fedslice::slicing
