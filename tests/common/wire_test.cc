@@ -241,6 +241,64 @@ TEST(WireTest, FieldValidationCatchesBadValues) {
   expect_invalid(ev, "num_correct");
 }
 
+TEST(WireTest, SplitInferenceMessagesAreValidated) {
+  auto expect_invalid = [](const proto::Envelope& e, const std::string& needle) {
+    Status s = ValidateEnvelope(e);
+    EXPECT_EQ(s.code(), Status::Code::kInvalidArgument) << needle;
+    EXPECT_NE(s.message().find(needle), std::string::npos) << s.message();
+  };
+  proto::Envelope req = Stamped(proto::Envelope());
+  req.mutable_pipeline_request()->set_micro_batch(64);
+  EXPECT_TRUE(ValidateEnvelope(req).ok());
+  req.mutable_pipeline_request()->set_micro_batch(0);
+  expect_invalid(req, "micro_batch is 0");
+
+  proto::Envelope assign = Stamped(proto::Envelope());
+  auto* a = assign.mutable_slice_assign();
+  a->set_unit_begin(2);
+  a->set_unit_end(5);
+  a->set_num_stages(2);
+  a->set_micro_batch(64);
+  a->set_upstream_identity("client-0");
+  a->set_requester_identity("requester");
+  ASSERT_TRUE(EncodeFp32(std::vector<float>(8, 0.5f), a->mutable_weights()).ok());
+  EXPECT_TRUE(ValidateEnvelope(assign).ok());
+  a->set_unit_end(2);
+  expect_invalid(assign, "empty unit range");
+  a->set_unit_end(5);
+  a->set_stage_index(2);
+  expect_invalid(assign, "stage_index");
+  a->set_stage_index(1);
+  a->clear_requester_identity();
+  expect_invalid(assign, "requester_identity");
+  a->set_requester_identity("requester");
+  a->mutable_weights()->mutable_payload()->pop_back();
+  EXPECT_EQ(ValidateEnvelope(assign).code(), Status::Code::kInvalidArgument);
+
+  proto::Envelope join = Stamped(proto::Envelope());
+  join.mutable_stage_join()->set_pipeline_id(1);
+  expect_invalid(join, "neither upstream nor sink");
+
+  proto::Envelope batch = Stamped(proto::Envelope());
+  auto* b = batch.mutable_activation_batch();
+  ASSERT_TRUE(EncodeFp32(std::vector<float>(4, 1.0f), b->mutable_data()).ok());
+  expect_invalid(batch, "num_samples is 0");
+  b->set_num_samples(2);
+  EXPECT_TRUE(ValidateEnvelope(batch).ok());
+  b->mutable_carry()->set_codec("fp32");
+  b->mutable_carry()->set_num_values(3);  // no payload
+  EXPECT_EQ(ValidateEnvelope(batch).code(), Status::Code::kInvalidArgument);
+
+  proto::Envelope plan = Stamped(proto::Envelope());
+  plan.mutable_pipeline_plan()->set_micro_batch(8);
+  expect_invalid(plan, "no stages");
+  auto* st = plan.mutable_pipeline_plan()->add_stages();
+  st->set_unit_begin(0);
+  st->set_unit_end(3);
+  st->set_predicted_ms(std::nan(""));
+  expect_invalid(plan, "predicted_ms");
+}
+
 TEST(WireTest, RandomCorruptionNeverCrashes) {
   const std::string frame = Frame(FitTask(std::vector<float>(64, 0.5f)));
   std::mt19937 rng(1234);
