@@ -28,6 +28,10 @@ std::atomic<uint64_t> g_next_session_id{1};
 // Frame buffers kept per session for reuse by later sends.
 constexpr size_t kSpareFrames = 2;
 
+// The session whose OnMessage runs on this thread (on its strand), if any: PauseReading from
+// inside that callback takes effect before the next frame is read (see PauseReading).
+thread_local const void* t_dispatching = nullptr;
+
 std::string Ms(std::chrono::milliseconds d) { return std::to_string(d.count()) + " ms"; }
 
 std::string EndpointString(const tcp::endpoint& ep) {
@@ -433,7 +437,10 @@ void SessionImpl::Dispatch(proto::Envelope envelope) {
     default:
       break;
   }
+  const void* outer = t_dispatching;
+  t_dispatching = this;
   Guarded("OnMessage", [&] { handler_->OnMessage(shared_from_this(), std::move(envelope)); });
+  t_dispatching = outer;
 }
 
 void SessionImpl::ProtocolError(const Status& status, proto::ErrorCode code, uint64_t in_reply_to,
@@ -458,6 +465,13 @@ void SessionImpl::ProtocolError(const Status& status, proto::ErrorCode code, uin
 }
 
 void SessionImpl::PauseReading() {
+  if (t_dispatching == this) {
+    // On our strand, inside OnMessage: OnBody's StartRead right after it must already see the
+    // pause, or one more frame would be read and delivered (a consumer bounding its queue by
+    // pausing at the limit would then exceed it by one).
+    read_paused_ = true;
+    return;
+  }
   asio::post(strand_, [self = shared_from_this()] { self->read_paused_ = true; });
 }
 

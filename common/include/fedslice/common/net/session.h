@@ -76,6 +76,8 @@ class Session {
 
   // Flow control: stop / resume reading from the peer (TCP then pushes back on its sends).
   // While paused the idle timeout does not run. Used by consumers that queue messages.
+  // Called from this session's OnMessage, the pause takes effect before the next frame is
+  // read, so a consumer that pauses when its queue reaches a bound never exceeds it.
   virtual void PauseReading() = 0;
   virtual void ResumeReading() = 0;
 
