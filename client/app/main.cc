@@ -153,7 +153,8 @@ int main(int argc, char** argv) {
   fedslice::client::EdgeClientOptions options;
   DataFlags data_flags;
   std::string config_file, coordinator, host, log_level = "info", device_name;
-  int port = 0, threads = 0, max_retries = 0;
+  std::string stage_bind = "127.0.0.1", stage_advertise;
+  int port = 0, threads = 0, max_retries = 0, stage_port = 0, stage_threads = 0;
   int64_t connect_timeout_ms = 10'000, welcome_timeout_ms = 30'000, backoff_initial_ms = 200,
           backoff_max_ms = 10'000, heartbeat_ms = 10'000, idle_timeout_ms = 30'000,
           give_up_after_s = 0;
@@ -201,6 +202,16 @@ int main(int argc, char** argv) {
       ("slowdown", po::value(&slowdown)->default_value(1.0, "1"),
        "behave as a device this many times slower (waits after training; for tests and demos)")
       ("device-name", po::value(&device_name), "name reported in the device profile")
+      ("stage-port", po::value(&stage_port),
+       "host pipeline stages (split inference) on this port (0 = any free port); without it "
+       "this client hosts none")
+      ("stage-bind", po::value(&stage_bind)->default_value("127.0.0.1"),
+       "address the stage server listens on (0.0.0.0 when stages run on other hosts)")
+      ("stage-advertise", po::value(&stage_advertise),
+       "host name other stages reach this one by (default: --stage-bind; in Docker: the "
+       "container name)")
+      ("stage-threads", po::value(&stage_threads)->default_value(0),
+       "engine threads for stage compute (0 = as --threads)")
       ("max-retries", po::value(&max_retries)->default_value(0),
        "consecutive failed connection attempts before giving up (0 = retry forever)")
       ("give-up-after-s", po::value(&give_up_after_s)->default_value(0),
@@ -263,6 +274,22 @@ int main(int argc, char** argv) {
   if (threads < 0) return Fail("--threads must be >= 0", cli::kExitUsage);
   if (memory_budget_mb < 0) return Fail("--memory-budget-mb must be >= 0", cli::kExitUsage);
   if (max_retries < 0) return Fail("--max-retries must be >= 0", cli::kExitUsage);
+  if (vm->count("stage-port")) {
+    if (stage_port < 0 || stage_port > 65535) {
+      return Fail("--stage-port must be in [0, 65535]", cli::kExitUsage);
+    }
+    if (stage_threads < 0) return Fail("--stage-threads must be >= 0", cli::kExitUsage);
+    fedslice::slicing::StageHostOptions stage;
+    stage.port = static_cast<uint16_t>(stage_port);
+    stage.bind_address = stage_bind;
+    stage.advertise_host = stage_advertise;
+    stage.engine_threads = stage_threads;
+    options.stage = stage;
+  } else if (!stage_advertise.empty() || stage_threads != 0 ||
+             !vm->at("stage-bind").defaulted()) {
+    return Fail("--stage-bind, --stage-advertise and --stage-threads need --stage-port",
+                cli::kExitUsage);
+  }
   if (give_up_after_s < 0) return Fail("--give-up-after-s must be >= 0", cli::kExitUsage);
   for (auto [name, value] : {std::pair{"--connect-timeout-ms", connect_timeout_ms},
                              {"--welcome-timeout-ms", welcome_timeout_ms},

@@ -11,6 +11,7 @@
 #include "fedslice/common/model.h"
 #include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/net/wire.h"
+#include "fedslice/common/threading.h"
 
 namespace fedslice::client {
 namespace {
@@ -102,13 +103,27 @@ Status EdgeClientOptions::Validate() const {
   if (!std::isfinite(slowdown) || slowdown < 1.0) {
     return Status::InvalidArgument("slowdown must be a finite factor >= 1");
   }
+  if (stage) {
+    slicing::StageHostOptions checked = *stage;
+    checked.slowdown = slowdown;
+    FEDSLICE_RETURN_IF_ERROR(checked.Validate());
+    if (stage_timing.batch < 1 || stage_timing.batch > 4096 ||
+        stage_timing.budget <= milliseconds::zero() || stage_timing.max_runs < 1) {
+      return Status::InvalidArgument(
+          "stage timing: need batch in [1, 4096], a positive budget and max_runs >= 1");
+    }
+  }
   return Status::Ok();
 }
 
 EdgeClient::EdgeClient(EdgeClientOptions options, LocalTrainer& trainer)
     : options_(std::move(options)), trainer_(trainer), jitter_(std::random_device{}()) {}
 
-EdgeClient::~EdgeClient() { Stop(); }
+EdgeClient::~EdgeClient() {
+  Stop();
+  // Joins the stage's compute thread, the only other caller of our members.
+  stage_host_.reset();
+}
 
 void EdgeClient::Stop() {
   std::shared_ptr<net::Channel> channel;
@@ -133,6 +148,19 @@ Status EdgeClient::Run() {
   // certificate is our configuration error, reported before any connection.
   FEDSLICE_ASSIGN_OR_RETURN(std::string client_id,
                             net::CertificateIdentity(options_.tls.cert_file));
+  if (options_.stage && !stage_host_) {
+    slicing::StageHostOptions stage = *options_.stage;
+    stage.slowdown = options_.slowdown;
+    auto host = slicing::StageHost::Start(options_.tls, std::move(stage));
+    if (!host.ok()) return host.status().WithContext("pipeline stage server");
+    stage_host_ = std::move(host).value();
+    // The raw pointer, not stage_host_: the callback may run while the destructor resets it.
+    stage_host_->SetFailureCallback([this, host = stage_host_.get()](uint64_t pipeline_id,
+                                                                     uint32_t stage_index,
+                                                                     const Status& why) {
+      ReportStageFailure(*host, pipeline_id, stage_index, why);
+    });
+  }
   int failures = 0;
   auto last_registered = Clock::now();
   while (true) {
@@ -215,6 +243,9 @@ EdgeClient::Outcome EdgeClient::RunSession(const std::string& client_id) {
     std::lock_guard<std::mutex> lock(mu_);
     channel_.reset();
   }
+  // The coordinator counts the stages of a client it lost as gone (pipeline.h); a slice kept
+  // here would serve a pipeline nobody tracks.
+  if (stage_host_) stage_host_->ReleaseAll();
   switch (outcome.end) {
     case SessionEnd::kRunComplete:
       channel->Close(Status::Ok());
@@ -239,6 +270,7 @@ EdgeClient::Outcome EdgeClient::Serve(net::Channel& channel, const std::string& 
   h->set_protocol_minor(net::kProtocolMinor);
   *h->mutable_profile() = options_.profile;
   h->set_software_version(kSoftwareVersion);
+  if (stage_host_) h->set_stage_endpoint(stage_host_->endpoint());
   if (Status sent = channel.Send(std::move(hello)); !sent.ok()) {
     if (stopped()) return {SessionEnd::kStopped, sent};
     return {SessionEnd::kRetry, sent.WithContext("sending Hello")};
@@ -292,6 +324,12 @@ EdgeClient::Outcome EdgeClient::Serve(net::Channel& channel, const std::string& 
             client_id, welcome.session_id(), welcome.model().name(), model_params_,
             welcome.run_config().run_id(), welcome.run_config().next_round(),
             welcome.run_config().total_rounds());
+        if (stage_host_) {
+          if (Status sent = SendProfileUpdate(channel, welcome.model()); !sent.ok()) {
+            if (stopped()) return {SessionEnd::kStopped, sent, true};
+            return {SessionEnd::kRetry, sent.WithContext("sending ProfileUpdate"), true};
+          }
+        }
         break;
       }
       case proto::Envelope::kReject: {
@@ -347,6 +385,12 @@ EdgeClient::Outcome EdgeClient::Serve(net::Channel& channel, const std::string& 
         break;
       case proto::Envelope::kEvaluateTask:
         handled = HandleEvaluate(channel, envelope);
+        break;
+      case proto::Envelope::kSliceAssign:
+        handled = HandleSliceAssign(channel, envelope);
+        break;
+      case proto::Envelope::kSliceRelease:
+        HandleSliceRelease(envelope);
         break;
       case proto::Envelope::kBye:
         if (envelope.bye().reason() == proto::BYE_NORMAL) {
@@ -459,6 +503,94 @@ Status EdgeClient::HandleEvaluate(net::Channel& channel, const proto::Envelope& 
   proto::Envelope reply;
   *reply.mutable_evaluate_result() = std::move(result).value();
   return channel.Send(std::move(reply)).WithContext("sending EvaluateResult");
+}
+
+Status EdgeClient::SendProfileUpdate(net::Channel& channel, const proto::ModelSpec& model) {
+  const std::string key = model.SerializeAsString();
+  if (key != timed_model_) {
+    auto created = Model::Create(model);
+    if (!created.ok()) return created.status().WithContext("timing the announced model");
+    // Timed with the threads the stage will compute with (the setting is process-wide).
+    const int stage_threads = options_.stage ? options_.stage->engine_threads : 0;
+    const int previous = NumThreads();
+    if (stage_threads > 0) SetNumThreads(stage_threads);
+    auto timings = slicing::MeasureLayerTimes(*created, options_.stage_timing);
+    if (stage_threads > 0) SetNumThreads(previous);
+    if (!timings.ok()) return timings.status().WithContext("timing the announced model");
+    layer_timings_ = std::move(timings).value();
+    timed_model_ = key;
+    double total = 0;
+    for (const auto& t : layer_timings_) total += t.forward_ms_per_sample();
+    spdlog::info("model {}: {} layers take {:.4f} ms per sample here (batch {}){}", model.name(),
+                 layer_timings_.size(), total, options_.stage_timing.batch,
+                 options_.slowdown > 1.0
+                     ? fmt::format(", emulating a device {}x slower", options_.slowdown)
+                     : std::string());
+  }
+  proto::Envelope update;
+  proto::DeviceProfile* profile = update.mutable_profile_update()->mutable_profile();
+  *profile = options_.profile;
+  profile->clear_layer_timings();
+  for (const auto& t : layer_timings_) *profile->add_layer_timings() = t;
+  profile->set_slowdown(options_.slowdown);
+  if (options_.stage && options_.stage->engine_threads > 0) {
+    profile->set_num_threads(static_cast<uint32_t>(options_.stage->engine_threads));
+  }
+  return channel.Send(std::move(update));
+}
+
+Status EdgeClient::HandleSliceAssign(net::Channel& channel, const proto::Envelope& envelope) {
+  const proto::SliceAssign& assign = envelope.slice_assign();
+  Status loaded = stage_host_
+                      ? stage_host_->Assign(assign)
+                      : Status::FailedPrecondition("this client does not host pipeline stages");
+  proto::Envelope reply;
+  proto::SliceReady* ready = reply.mutable_slice_ready();
+  ready->set_pipeline_id(assign.pipeline_id());
+  ready->set_stage_index(assign.stage_index());
+  ready->set_ok(loaded.ok());
+  if (loaded.ok()) {
+    slices_assigned_.fetch_add(1);
+  } else {
+    spdlog::warn("cannot host stage {} of pipeline {}: {}", assign.stage_index(),
+                 assign.pipeline_id(), loaded.ToString());
+    // Bounded like every wire string; the reason's start says what was wrong.
+    ready->set_message(loaded.message().substr(0, net::kMaxStringBytes));
+  }
+  return channel.Send(std::move(reply)).WithContext("sending SliceReady");
+}
+
+void EdgeClient::HandleSliceRelease(const proto::Envelope& envelope) {
+  const proto::SliceRelease& release = envelope.slice_release();
+  if (!stage_host_) return;
+  if (Status released = stage_host_->Release(release.pipeline_id()); !released.ok()) {
+    // Already replaced by a newer slice, or lost with an earlier session: nothing to drop.
+    spdlog::debug("SliceRelease: {}", released.ToString());
+    return;
+  }
+  spdlog::info("pipeline {} released{}{}", release.pipeline_id(),
+               release.reason().empty() ? "" : ": ", release.reason());
+}
+
+void EdgeClient::ReportStageFailure(const slicing::StageHost& host, uint64_t pipeline_id,
+                                    uint32_t stage_index, const Status& why) {
+  // A failure of a slice released meanwhile (with the session it came from) is old news.
+  if (host.pipeline_id() != pipeline_id) return;
+  std::shared_ptr<net::Channel> channel;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    channel = channel_;
+  }
+  if (!channel) return;
+  proto::Envelope reply;
+  proto::SliceReady* ready = reply.mutable_slice_ready();
+  ready->set_pipeline_id(pipeline_id);
+  ready->set_stage_index(stage_index);
+  ready->set_ok(false);
+  ready->set_message(why.message().substr(0, net::kMaxStringBytes));
+  if (Status sent = channel->Send(std::move(reply)); !sent.ok()) {
+    spdlog::warn("could not report the failure of pipeline {}: {}", pipeline_id, sent.ToString());
+  }
 }
 
 }  // namespace fedslice::client

@@ -1,15 +1,27 @@
 // EdgeClient: the networked side of an edge device. It connects to the coordinator over mutual
 // TLS, registers, and serves FitTasks / EvaluateTasks with a LocalTrainer until the
-// coordinator says the run is complete.
+// coordinator says the run is complete. Optionally it also hosts slices of split-inference
+// pipelines (slicing/stage_host.h, protocol in slicing/pipeline.h).
 //
 // Protocol, per connection:
 //
 //   connect (TLS 1.3, both certificates checked against the run's CA)
-//     -> Hello{client_id = identity of our certificate, protocol version, DeviceProfile}
+//     -> Hello{client_id = identity of our certificate, protocol version, DeviceProfile,
+//              stage_endpoint (when hosting stages)}
 //     -> Welcome: trainer.SetModel(welcome.model)       | Reject: retry or give up (below)
+//     -> when hosting stages: ProfileUpdate{profile with the announced model's per-layer
+//        forward times measured on this device (cached per model), slowdown}
 //     -> loop: FitTask      -> Fit -> FitResult          (bad task -> Error, stay connected)
 //              EvaluateTask -> EvaluateResult            (no test data / bad task -> Error)
+//              SliceAssign  -> StageHost::Assign -> SliceReady{ok, message}
+//                              (ok = false, with the reason, for a bad assignment or when
+//                              this client hosts no stages)
+//              SliceRelease -> the slice is dropped (no reply)
 //              Bye BYE_NORMAL -> Run() returns OK (run complete)
+//     stage host, any time: a hosted stage that cannot deliver (next stage unreachable or
+//        gone, no sink) -> SliceReady{pipeline, stage, ok = false, why}
+//   When the session ends, the hosted slice is released: the coordinator counts the stages of
+//   a client it lost as gone and re-plans without them.
 //
 // Reconnection: a refused connection, a lost session, a timeout, Bye{BYE_SHUTTING_DOWN} or a
 // retryable Reject (duplicate identity, server full, shutting down) leads to a new attempt
@@ -37,11 +49,14 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "fedslice/client/local_trainer.h"
 #include "fedslice/common/net/client.h"
 #include "fedslice/common/net/tls.h"
 #include "fedslice/common/status.h"
+#include "fedslice/slicing/cost.h"
+#include "fedslice/slicing/stage_host.h"
 #include "fedslice/wire.pb.h"
 
 namespace fedslice::client {
@@ -76,10 +91,21 @@ struct EdgeClientOptions {
   // Sent in Hello; see MeasureDeviceProfile (device_profile.h).
   proto::DeviceProfile profile;
   // Emulates a device `slowdown` times slower (>= 1): after a Fit that took t seconds the
-  // client waits (slowdown - 1) * t more before answering. For tests and demos of stragglers.
+  // client waits (slowdown - 1) * t more before answering, and a hosted pipeline stage does
+  // the same per micro-batch. For tests and demos of stragglers and pipelines.
   double slowdown = 1.0;
 
-  // Checks host/port/cert paths, timeouts and backoff bounds, slowdown >= 1.
+  // Pipeline stage hosting. Unset (default): no stage server, Hello has no stage_endpoint,
+  // no ProfileUpdate is sent, and a SliceAssign is answered with SliceReady{ok = false}.
+  // Set: Run() starts a StageHost with `tls` (its slowdown is `slowdown` above, whatever the
+  // field says) and reports its endpoint in Hello.
+  std::optional<slicing::StageHostOptions> stage;
+  // How the per-layer times for ProfileUpdate are measured (stage hosting only); the
+  // micro-batch a pipeline will use is the right batch.
+  slicing::TimingOptions stage_timing;
+
+  // Checks host/port/cert paths, timeouts and backoff bounds, slowdown >= 1, and the stage
+  // options when set.
   Status Validate() const;
 };
 
@@ -108,6 +134,7 @@ class EdgeClient {
   // Thread-safe counters, for tests and logs.
   uint64_t fit_tasks_done() const { return fit_tasks_done_.load(); }
   uint64_t sessions_registered() const { return sessions_registered_.load(); }
+  uint64_t slices_assigned() const { return slices_assigned_.load(); }
 
  private:
   enum class SessionEnd { kRunComplete, kRetry, kFatal, kStopped };
@@ -124,6 +151,13 @@ class EdgeClient {
   // Handles one task; returns an error only when the session is lost (Send failed).
   Status HandleFit(net::Channel& channel, const proto::Envelope& envelope);
   Status HandleEvaluate(net::Channel& channel, const proto::Envelope& envelope);
+  Status HandleSliceAssign(net::Channel& channel, const proto::Envelope& envelope);
+  void HandleSliceRelease(const proto::Envelope& envelope);
+  // Measures (once per model) and sends the per-layer times of the announced model.
+  Status SendProfileUpdate(net::Channel& channel, const proto::ModelSpec& model);
+  // StageHost failure callback: tells the coordinator through the current session.
+  void ReportStageFailure(const slicing::StageHost& host, uint64_t pipeline_id,
+                          uint32_t stage_index, const Status& why);
   // Validates task weights against the current model; on error sets the wire code.
   Status CheckWeights(const proto::EncodedTensor& weights, proto::ErrorCode* code) const;
   // Waits `duration` unless Stop() is called first; returns false when stopped.
@@ -143,6 +177,15 @@ class EdgeClient {
   std::mt19937_64 jitter_;
   std::atomic<uint64_t> fit_tasks_done_{0};
   std::atomic<uint64_t> sessions_registered_{0};
+  std::atomic<uint64_t> slices_assigned_{0};
+
+  // Started by Run() when options_.stage is set; destroyed first (its compute thread calls
+  // ReportStageFailure, which uses the members above).
+  std::unique_ptr<slicing::StageHost> stage_host_;
+  // Per-layer timings of the model last measured (serialized spec), so that a reconnect does
+  // not measure again.
+  std::string timed_model_;
+  std::vector<proto::LayerTiming> layer_timings_;
 };
 
 }  // namespace fedslice::client
