@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <cmath>
 #include <condition_variable>
 #include <deque>
@@ -65,7 +66,7 @@ Status StageHostOptions::Validate() const {
   if (IsWildcard(bind_address) && advertise_host.empty()) {
     return Status::InvalidArgument("stage bind address " + bind_address +
                                    " is a wildcard: give the host other stages reach this one "
-                                   "by (advertise_host)");
+                                   "by (advertise_host; fedslice-client --stage-advertise)");
   }
   if (!std::isfinite(slowdown) || slowdown < 1.0) {
     return Status::InvalidArgument("stage slowdown must be a finite factor >= 1");
@@ -132,6 +133,8 @@ struct Peer {
   bool upstream = false;
   bool sink = false;
   std::weak_ptr<Slice> slice;  // the slice it joined
+  // Closes the session if it has not joined by then; cancelled on join and on close.
+  std::shared_ptr<boost::asio::steady_timer> join_deadline;
 };
 
 struct FailureNote {
@@ -190,16 +193,41 @@ struct StageHost::Impl : std::enable_shared_from_this<StageHost::Impl> {
   // --- Server side (io threads) ------------------------------------------------------------
 
   void OnServerOpen(const net::SessionPtr& session) {
+    // A connection that never joins would hold a slot (and be kept alive by heartbeats)
+    // forever: it gets the handshake timeout to say what it is here for.
+    auto timer = std::make_shared<boost::asio::steady_timer>(io, tls.handshake_timeout);
+    timer->async_wait([weak = weak_from_this(), session](const boost::system::error_code& ec) {
+      if (ec) return;  // cancelled: joined or closed
+      auto impl = weak.lock();
+      if (!impl) return;
+      {
+        std::lock_guard<std::mutex> lock(impl->mu);
+        auto it = impl->peers.find(session->id());
+        if (it == impl->peers.end() || it->second.role != Role::kPending) return;
+      }
+      const std::string message = "no StageJoin within " +
+                                  std::to_string(impl->tls.handshake_timeout.count()) +
+                                  " ms of connecting";
+      spdlog::warn("stage: '{}' ({}): {}", session->peer_identity(), session->remote_address(),
+                   message);
+      Status sent = session->Send(net::MakeError(proto::ERROR_UNEXPECTED_MESSAGE, message));
+      (void)sent;
+      session->Close(Status::DeadlineExceeded(message));
+    });
     std::lock_guard<std::mutex> lock(mu);
     Peer peer;
     peer.session = session;
+    peer.join_deadline = std::move(timer);
     peers[session->id()] = std::move(peer);
   }
 
-  void OnServerMessage(const net::SessionPtr& session, const proto::Envelope& envelope);
+  void OnServerMessage(const net::SessionPtr& session, proto::Envelope envelope);
   void OnServerClosed(const net::SessionPtr& session) {
     std::lock_guard<std::mutex> lock(mu);
-    peers.erase(session->id());
+    if (auto it = peers.find(session->id()); it != peers.end()) {
+      if (it->second.join_deadline) it->second.join_deadline->cancel();
+      peers.erase(it);
+    }
     if (!slice) return;
     if (slice->upstream == session) slice->upstream.reset();
     if (slice->sink == session) slice->sink.reset();
@@ -310,7 +338,7 @@ class ServerHandler : public net::SessionHandler {
     if (auto impl = impl_.lock()) impl->OnServerOpen(session);
   }
   void OnMessage(const net::SessionPtr& session, proto::Envelope envelope) override {
-    if (auto impl = impl_.lock()) impl->OnServerMessage(session, envelope);
+    if (auto impl = impl_.lock()) impl->OnServerMessage(session, std::move(envelope));
   }
   void OnClosed(const net::SessionPtr& session, const Status& reason) override {
     (void)reason;
@@ -338,8 +366,7 @@ class DownstreamHandler : public net::SessionHandler {
 
 }  // namespace
 
-void StageHost::Impl::OnServerMessage(const net::SessionPtr& session,
-                                      const proto::Envelope& envelope) {
+void StageHost::Impl::OnServerMessage(const net::SessionPtr& session, proto::Envelope envelope) {
   Deferred deferred;
   auto refuse = [&](proto::ErrorCode code, const std::string& message, bool close) {
     spdlog::warn("stage: {} from '{}' ({}) refused: {}", net::BodyName(envelope),
@@ -392,6 +419,7 @@ void StageHost::Impl::OnServerMessage(const net::SessionPtr& session,
           break;
         }
         peer.role = Role::kJoined;
+        if (peer.join_deadline) peer.join_deadline->cancel();
         peer.upstream = join.upstream();
         peer.sink = join.sink();
         peer.slice = slice;
@@ -448,7 +476,9 @@ void StageHost::Impl::OnServerMessage(const net::SessionPtr& session,
         }
         stats.bytes_in += batch.ByteSizeLong();
         ++stats.batches_received;
-        s.queue.push_back(Slice::Item{batch, session, envelope.seq()});
+        // Moved, not copied: the payload may be megabytes, and this is the io thread.
+        s.queue.push_back(
+            Slice::Item{std::move(*envelope.mutable_activation_batch()), session, envelope.seq()});
         stats.queued = s.queue.size();
         stats.max_queued = std::max<uint64_t>(stats.max_queued, stats.queued);
         if (s.queue.size() >= s.in_flight && s.paused != session) {
@@ -506,6 +536,13 @@ void StageHost::Impl::ComputeLoop() {
 }
 
 void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item) {
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (s->released) {  // replaced or released after the batch was taken from the queue
+      ++stats.batches_dropped;
+      return;
+    }
+  }
   const proto::ActivationBatch& batch = item.batch;
   const int unit_begin = s->executor->unit_begin();
   // Cheap checks first, each with the wire code that says what was wrong; the executor checks
@@ -756,6 +793,9 @@ void StageHost::Impl::Shutdown() {
   if (server) server->Stop();
   {
     std::lock_guard<std::mutex> lock(mu);
+    for (auto& [id, peer] : peers) {
+      if (peer.join_deadline) peer.join_deadline->cancel();
+    }
     peers.clear();
   }
   work.reset();

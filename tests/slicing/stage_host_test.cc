@@ -207,6 +207,16 @@ class StageHostTest : public testing::NetTest {
     return false;
   }
 
+  // One batch through a one-stage pipeline joined on `both`, checked bit for bit.
+  void ExpectServed(net::Channel& both, uint64_t batch_id = 1) {
+    Tensor input = Input(3, batch_id);
+    ASSERT_TRUE(both.Send(Batch(input, batch_id)).ok());
+    Tensor logits = ReceiveLogits(both, batch_id, 3);
+    Tensor expected = Expected(input);
+    ASSERT_EQ(logits.size(), expected.size());
+    for (int64_t j = 0; j < logits.size(); ++j) ASSERT_EQ(logits.data()[j], expected.data()[j]);
+  }
+
   std::unique_ptr<Model> model_;
 };
 
@@ -381,6 +391,25 @@ TEST_F(StageHostTest, JoinsFromTheWrongIdentityRoleOrPipelineAreRefused) {
   ASSERT_TRUE(upstream->Send(Batch(input, 1)).ok());
   Tensor logits = ReceiveLogits(*sink, 1, 4);
   EXPECT_EQ(logits.size(), 40);
+}
+
+TEST_F(StageHostTest, ASessionThatNeverJoinsIsClosed) {
+  net::TlsConfig quick = pki().Config("client-0");
+  quick.handshake_timeout = 500ms;  // also the time a new session has to send StageJoin
+  auto host = StageHost::Start(quick, {});
+  ASSERT_TRUE(host.ok()) << host.status().ToString();
+  ASSERT_TRUE((*host)->Assign(Assign({0, 6}, 0)).ok());
+  net::ConnectOptions connect{"client-0", "client-0"};
+  auto idle =
+      net::Channel::Connect("127.0.0.1", (*host)->port(), pki().Config(kRequester), 10s, connect);
+  ASSERT_TRUE(idle.ok()) << idle.status().ToString();
+  EXPECT_THAT(ExpectError(**idle, proto::ERROR_UNEXPECTED_MESSAGE).message(),
+              HasSubstr("no StageJoin"));
+  EXPECT_TRUE(ClosedByPeer(**idle));
+  // One that joins in time stays.
+  auto joined = Join(**host, "client-0", true, true);
+  ASSERT_TRUE(joined);
+  ExpectServed(*joined);
 }
 
 TEST_F(StageHostTest, BadBatchesAreAnsweredWithErrorsAndTheStageKeepsServing) {

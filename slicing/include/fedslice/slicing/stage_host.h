@@ -11,8 +11,9 @@
 //
 // Who may talk to it. A new session must first send StageJoin for the hosted pipeline, as
 // upstream with the identity SliceAssign.upstream_identity, or (last stage only) as sink
-// with SliceAssign.requester_identity; anything else is answered with an Error
-// (ERROR_UNEXPECTED_MESSAGE, ERROR_NOT_AUTHORIZED) and the session closed. The server keeps
+// with SliceAssign.requester_identity; anything else, or nothing within the TLS
+// handshake_timeout, is answered with an Error (ERROR_UNEXPECTED_MESSAGE,
+// ERROR_NOT_AUTHORIZED) and the session closed. The server keeps
 // one session per identity and a newer one replaces the older (a stage that reconnects must
 // not be locked out by its own stale session), so in a one-stage pipeline the requester,
 // both upstream and sink, joins once with both flags set. ActivationBatches are taken only
