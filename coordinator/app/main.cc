@@ -1,4 +1,5 @@
-// fedslice-coordinator: runs federated training rounds for edge clients over mutual TLS.
+// fedslice-coordinator: runs federated training rounds for edge clients over mutual TLS, and
+// with --serve then serves split inference over them (coordinator_server.h).
 #include <spdlog/spdlog.h>
 
 #include <boost/asio/io_context.hpp>
@@ -36,8 +37,8 @@ int Fail(const std::string& message, int code = cli::kExitFailure) {
 int main(int argc, char** argv) {
   fedslice::coordinator::CoordinatorOptions options;
   auto& fed = options.federation;
-  std::string config_file, data_dir, port_file, save_model, log_level = "info";
-  int round_deadline_ms = 300'000, threads = 0;
+  std::string config_file, data_dir, port_file, save_model, init_model, log_level = "info";
+  int round_deadline_ms = 300'000, threads = 0, slice_ready_timeout_ms = 30'000;
   int heartbeat_ms = 10'000, idle_timeout_ms = 30'000, handshake_timeout_ms = 10'000;
   size_t max_frame_bytes = options.tls.max_frame_bytes;
   bool tls12 = false;
@@ -63,6 +64,14 @@ int main(int argc, char** argv) {
       ("fed-eval-every", po::value(&options.federated_eval_every)->default_value(0),
        "ask clients to evaluate the global model every N rounds (0 = never)")
       ("save-model", po::value(&save_model), "write the final global model to this file")
+      ("init-model", po::value(&init_model),
+       "start from this model file (from 'fedslice train --out' or --save-model) instead of "
+       "the seeded initialisation; its spec replaces --model. A checkpoint in --out-dir wins")
+      ("serve", po::bool_switch(&options.serve_inference),
+       "after the last round, keep the clients and serve split inference ('fedslice infer') "
+       "until SIGINT/SIGTERM; with --rounds 0 and --init-model, serve that model at once")
+      ("slice-ready-timeout-ms", po::value(&slice_ready_timeout_ms)->default_value(30'000),
+       "clients chosen for a pipeline must load their slice within this time")
       ("heartbeat-ms", po::value(&heartbeat_ms)->default_value(10'000), "heartbeat interval")
       ("idle-timeout-ms", po::value(&idle_timeout_ms)->default_value(30'000),
        "drop a client silent for this long")
@@ -99,8 +108,32 @@ int main(int argc, char** argv) {
   if (threads > 0) fedslice::SetNumThreads(threads);
 
   fed.round_deadline = std::chrono::milliseconds(round_deadline_ms);
+  if (slice_ready_timeout_ms <= 0) return Fail("--slice-ready-timeout-ms must be > 0", cli::kExitUsage);
+  options.slice_ready_timeout = std::chrono::milliseconds(slice_ready_timeout_ms);
+  if (fed.rounds == 0 && (init_model.empty() || !options.serve_inference)) {
+    return Fail("--rounds 0 (no training) needs --serve and --init-model FILE: the model to serve",
+                cli::kExitUsage);
+  }
+  std::optional<fedslice::Model> initial;
+  if (!init_model.empty()) {
+    auto loaded = fedslice::LoadModel(init_model);
+    if (!loaded.ok()) return Fail("--init-model: " + loaded.status().ToString());
+    if (!(*vm)["model"].defaulted() && federation_flags.model != loaded->spec().name()) {
+      return Fail("--model " + federation_flags.model + " contradicts --init-model, a '" +
+                      loaded->spec().name() + "' model (leave --model out)",
+                  cli::kExitUsage);
+    }
+    const auto params = loaded->params();
+    fed.initial_params.assign(params.begin(), params.end());
+    initial = std::move(loaded).value();
+  }
   if (Status applied = cli::ApplyFederationFlags(federation_flags, &fed); !applied.ok()) {
     return Fail(applied.message(), cli::kExitUsage);
+  }
+  if (initial) {
+    fed.model = initial->spec();  // ApplyFederationFlags set the built-in one
+    spdlog::info("initial model from {}: {} with {} parameters", init_model, fed.model.name(),
+                 initial->param_count());
   }
   options.tls.allow_tls12 = tls12;
   options.tls.heartbeat_interval = std::chrono::milliseconds(heartbeat_ms);

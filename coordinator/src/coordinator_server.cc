@@ -12,6 +12,10 @@
 
 #include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/net/wire.h"
+#include "fedslice/slicing/cost.h"
+#include "fedslice/slicing/pipeline.h"
+#include "fedslice/slicing/planner.h"
+#include "pipeline_service.h"
 
 namespace fedslice::coordinator {
 namespace {
@@ -104,13 +108,15 @@ struct CoordinatorServer::Impl {
 
   // Registered clients (Hello answered with Welcome), by certificate identity. Only the round
   // thread touches it.
-  struct Client {
-    net::SessionPtr session;
-    proto::DeviceProfile profile;
-    bool has_test_data = true;
-  };
-  std::map<std::string, Client> clients;
+  ClientRegistry clients;
   std::atomic<size_t> num_registered{0};
+
+  // Split inference. Requesters: sessions whose first message was a PipelineRequest, by
+  // session id. Requests that arrive while training runs wait in `deferred`.
+  std::unique_ptr<PipelineService> pipelines;
+  std::map<uint64_t, net::SessionPtr> requesters;
+  std::deque<std::pair<net::SessionPtr, proto::Envelope>> deferred;
+  std::atomic<bool> serving{false};
   std::atomic<uint64_t> completed_rounds{0};
 
   // Snapshots for other threads.
@@ -183,9 +189,19 @@ struct CoordinatorServer::Impl {
       session->Close(Status::FailedPrecondition("protocol version mismatch"));
       return;
     }
-    if (federation->finished()) {
+    if (federation->finished() && !options.serve_inference) {
       session->Close();  // Bye BYE_NORMAL: nothing left to do
       return;
+    }
+    if (!hello.stage_endpoint().empty()) {
+      if (auto endpoint = slicing::ParseEndpoint(hello.stage_endpoint()); !endpoint.ok()) {
+        Send(session,
+             net::MakeReject(proto::REJECT_BAD_HELLO,
+                             "stage_endpoint: " + endpoint.status().message()),
+             false);
+        session->Close(Status::InvalidArgument("bad stage endpoint in Hello"));
+        return;
+      }
     }
     proto::Envelope welcome;
     welcome.mutable_welcome()->set_session_id(std::to_string(session->id()));
@@ -193,10 +209,74 @@ struct CoordinatorServer::Impl {
     *welcome.mutable_welcome()->mutable_run_config() = federation->run_config_message();
     welcome.mutable_welcome()->set_protocol_minor(net::kProtocolMinor);
     Send(session, std::move(welcome), false);
-    clients[identity] = Client{session, hello.profile(), true};
+    clients[identity] = RegisteredClient{session, hello.profile(), hello.stage_endpoint(), true};
     num_registered = clients.size();
-    spdlog::info("client {} registered from {} ({}; {} clients)", identity,
-                 session->remote_address(), session->tls_version(), clients.size());
+    spdlog::info("client {} registered from {} ({}; {} clients){}", identity,
+                 session->remote_address(), session->tls_version(), clients.size(),
+                 hello.stage_endpoint().empty() ? ""
+                                                : "; stage server at " + hello.stage_endpoint());
+  }
+
+  // A new device profile, e.g. with per-layer timings of the model announced in Welcome. It
+  // must describe this model (DeviceFromProfile checks timings, speed and link figures);
+  // otherwise the old profile stays.
+  void HandleProfileUpdate(const net::SessionPtr& session, const proto::Envelope& envelope) {
+    const proto::DeviceProfile& profile = envelope.profile_update().profile();
+    auto device = slicing::DeviceFromProfile(
+        profile, slicing::ComputeLayerCosts(federation->global_model()));
+    if (!device.ok()) {
+      SendError(session, proto::ERROR_INVALID_MESSAGE,
+                "ProfileUpdate refused, previous profile kept: " + device.status().message(),
+                envelope.seq());
+      return;
+    }
+    clients.at(session->peer_identity()).profile = profile;
+    spdlog::info("client {} updated its device profile ({} layer timings, slowdown {})",
+                 session->peer_identity(), profile.layer_timings_size(),
+                 profile.slowdown() == 0 ? 1.0 : profile.slowdown());
+  }
+
+  bool IsRequester(const net::SessionPtr& session) const {
+    return requesters.count(session->id()) != 0;
+  }
+
+  void HandlePipelineRequest(const net::SessionPtr& session, proto::Envelope envelope) {
+    if (!options.serve_inference) {
+      SendError(session, proto::ERROR_UNSUPPORTED_MESSAGE,
+                "this coordinator does not serve split inference (start it with --serve)",
+                envelope.seq());
+      return;
+    }
+    if (!serving) {
+      spdlog::info("pipeline request from {} waits until training is over",
+                   session->peer_identity());
+      deferred.emplace_back(session, std::move(envelope));
+      return;
+    }
+    pipelines->HandleRequest(session, envelope);
+  }
+
+  // Messages of a requester session.
+  void HandleRequesterMessage(const net::SessionPtr& session, proto::Envelope envelope) {
+    switch (envelope.body_case()) {
+      case proto::Envelope::kPipelineRequest:
+        return HandlePipelineRequest(session, std::move(envelope));
+      case proto::Envelope::kPipelineClose:
+        return pipelines->HandlePipelineClose(session, envelope);
+      case proto::Envelope::kBye:
+        spdlog::info("requester {} says bye: {}", session->peer_identity(),
+                     envelope.bye().message());
+        return;
+      case proto::Envelope::kError:
+        spdlog::warn("requester {} reports {}: {}", session->peer_identity(),
+                     proto::ErrorCode_Name(envelope.error().code()), envelope.error().message());
+        return;
+      default:
+        SendError(session, proto::ERROR_UNEXPECTED_MESSAGE,
+                  net::BodyName(envelope) + " is not a message a pipeline requester sends",
+                  envelope.seq());
+        return;
+    }
   }
 
   void HandleFitResult(const net::SessionPtr& session, const proto::Envelope& envelope) {
@@ -241,6 +321,14 @@ struct CoordinatorServer::Impl {
       case Event::Kind::kOpen:
         return;  // registration waits for Hello
       case Event::Kind::kClosed: {
+        if (IsRequester(session)) {
+          requesters.erase(session->id());
+          std::erase_if(deferred, [&](const auto& d) { return d.first == session; });
+          pipelines->OnRequesterGone(session);
+          spdlog::info("requester {} left: {}", session->peer_identity(),
+                       event.reason.ToString());
+          return;
+        }
         if (!IsRegistered(session)) return;
         const std::string identity = session->peer_identity();
         clients.erase(identity);
@@ -249,16 +337,34 @@ struct CoordinatorServer::Impl {
         eval_tasks.erase(identity);
         spdlog::info("client {} left: {} ({} clients)", identity, event.reason.ToString(),
                      clients.size());
+        pipelines->OnClientGone(identity, event.reason);
         return;
       }
       case Event::Kind::kMessage:
         break;
     }
-    const proto::Envelope& envelope = event.envelope;
+    proto::Envelope& envelope = event.envelope;
+    if (IsRequester(session)) {
+      if (envelope.has_hello()) {
+        SendError(session, proto::ERROR_UNEXPECTED_MESSAGE,
+                  "this session requests pipelines; it cannot register as a client",
+                  envelope.seq());
+        return;
+      }
+      return HandleRequesterMessage(session, std::move(envelope));
+    }
     if (envelope.has_hello()) return HandleHello(session, envelope);
     if (!IsRegistered(session)) {
+      if (envelope.has_pipeline_request()) {
+        // The first message decides: this session is a requester from now on.
+        requesters[session->id()] = session;
+        spdlog::info("requester {} connected from {}", session->peer_identity(),
+                     session->remote_address());
+        return HandlePipelineRequest(session, std::move(envelope));
+      }
       SendError(session, proto::ERROR_UNEXPECTED_MESSAGE,
-                "expected Hello, got " + net::BodyName(envelope), envelope.seq());
+                "expected Hello or PipelineRequest, got " + net::BodyName(envelope),
+                envelope.seq());
       return;
     }
     switch (envelope.body_case()) {
@@ -266,11 +372,23 @@ struct CoordinatorServer::Impl {
         return HandleFitResult(session, envelope);
       case proto::Envelope::kEvaluateResult:
         return HandleEvaluateResult(session, envelope);
+      case proto::Envelope::kSliceReady:
+        return pipelines->HandleSliceReady(session, envelope);
+      case proto::Envelope::kProfileUpdate:
+        return HandleProfileUpdate(session, envelope);
+      case proto::Envelope::kPipelineRequest:
+        SendError(session, proto::ERROR_UNEXPECTED_MESSAGE,
+                  "a registered client may not request pipelines; a requester connects with "
+                  "its own session (and certificate)",
+                  envelope.seq());
+        return;
       case proto::Envelope::kError:
-        // A client that cannot do its task says so; it will not answer this round.
+        // A client that cannot do its task says so; it will not answer this round (nor take
+        // a slice it is being assigned).
         spdlog::warn("{} reports: {}", session->peer_identity(), envelope.error().message());
         federation->MarkDropped(session->peer_identity());
         eval_tasks.erase(session->peer_identity());
+        pipelines->HandleClientError(session->peer_identity(), envelope.error());
         return;
       case proto::Envelope::kBye:
         spdlog::info("{} says bye: {}", session->peer_identity(), envelope.bye().message());
@@ -336,6 +454,26 @@ struct CoordinatorServer::Impl {
     Federation::AddFederatedEvaluation(eval_results, metrics);
   }
 
+  // Serve mode after training: pipeline requests until Stop(). Assignment deadlines are
+  // checked at least every second and exactly when one is due.
+  void Serve() {
+    serving = true;
+    spdlog::info("serving split inference with the model of round {} ({} clients registered)",
+                 federation->completed_rounds(), clients.size());
+    auto waiting = std::move(deferred);
+    deferred.clear();
+    for (auto& [session, envelope] : waiting) {
+      if (session->is_open()) pipelines->HandleRequest(session, envelope);
+    }
+    while (!stop_requested) {
+      auto deadline = Clock::now() + std::chrono::seconds(1);
+      if (auto due = pipelines->NextDeadline()) deadline = std::min(deadline, *due);
+      if (auto event = queue.Pop(deadline)) Handle(std::move(*event));
+      pipelines->CheckDeadlines();
+    }
+    spdlog::info("stopped serving ({} pipeline(s) open)", pipelines->num_pipelines());
+  }
+
   // One round, retried with a fresh sample until it completes or a stop is requested.
   Status RunRound() {
     for (uint32_t attempt = 0; !stop_requested; ++attempt) {
@@ -389,8 +527,12 @@ struct CoordinatorServer::Impl {
   // Closes every client's session (the transport flushes, then sends Bye: BYE_NORMAL for an
   // OK reason, BYE_SHUTTING_DOWN for Unavailable, BYE_ERROR otherwise) and stops listening.
   void Shutdown(const Status& reason) {
+    pipelines->ReleaseAll("coordinator shutting down");
     for (const auto& [id, client] : clients) client.session->Close(reason);
+    for (const auto& [id, requester] : requesters) requester->Close(reason);
     clients.clear();
+    requesters.clear();
+    deferred.clear();
     num_registered = 0;
     if (server) server->Stop();
     work.reset();
@@ -409,6 +551,9 @@ Result<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
                             Federation::Create(options.federation, std::move(test_set)));
   impl->options = std::move(options);
   impl->TakeSnapshot();
+  impl->pipelines = std::make_unique<PipelineService>(
+      PipelineService::Options{impl->options.slice_ready_timeout}, &impl->clients,
+      impl->federation.get());
   auto handler = std::make_shared<QueueingHandler>(&impl->queue);
   FEDSLICE_ASSIGN_OR_RETURN(
       impl->server,
@@ -446,6 +591,9 @@ Status CoordinatorServer::Run() {
   }
   if (impl.federation->finished()) {
     spdlog::info("all {} rounds done", impl.federation->config().rounds);
+    if (impl.options.serve_inference) impl.Serve();
+    // Serve mode ends only by Stop(), but the run is complete: Bye{BYE_NORMAL} tells clients
+    // not to reconnect.
     impl.Shutdown(Status::Ok());
     return Status::Ok();
   }
@@ -460,6 +608,7 @@ void CoordinatorServer::Stop() {
 
 uint64_t CoordinatorServer::completed_rounds() const { return impl_->completed_rounds.load(); }
 size_t CoordinatorServer::num_registered() const { return impl_->num_registered.load(); }
+bool CoordinatorServer::serving() const { return impl_->serving.load(); }
 
 std::vector<float> CoordinatorServer::GlobalWeights() const {
   std::lock_guard lock(impl_->snapshot_mu);

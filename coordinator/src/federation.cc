@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "fedslice/common/model_io.h"
+#include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/codec.h"
 #include "fedslice/common/trainer.h"
 #include "fedslice/coordinator/sampler.h"
@@ -51,7 +52,9 @@ uint64_t ClientRoundSeed(uint64_t run_seed, uint64_t round, const std::string& c
 }
 
 Status FederationConfig::Validate() const {
-  if (rounds == 0) return Status::InvalidArgument("rounds must be >= 1");
+  if (rounds == 0 && initial_params.empty()) {
+    return Status::InvalidArgument("rounds must be >= 1 (0 only with an initial model)");
+  }
   if (!(fraction > 0.0 && fraction <= 1.0)) {
     return Status::InvalidArgument("fraction must be in (0, 1], got " + FormatDouble(fraction));
   }
@@ -98,6 +101,14 @@ Result<std::unique_ptr<Federation>> Federation::Create(FederationConfig config,
   FEDSLICE_RETURN_IF_ERROR(config.Validate().WithContext("federation config"));
   std::unique_ptr<Federation> fed(new Federation());
   FEDSLICE_ASSIGN_OR_RETURN(Model model, Model::Create(config.model));
+  if (!config.initial_params.empty()) {
+    if (const size_t bad = net::FindNonFinite(config.initial_params);
+        bad < config.initial_params.size()) {
+      return Status::InvalidArgument("initial model: parameter " + std::to_string(bad) +
+                                     " is not finite");
+    }
+    FEDSLICE_RETURN_IF_ERROR(model.SetParams(config.initial_params).WithContext("initial model"));
+  }
   if (test_set) {
     FEDSLICE_RETURN_IF_ERROR(ValidateDataset(model, *test_set).WithContext("test set"));
   }

@@ -40,7 +40,12 @@ namespace fedslice::coordinator {
 
 struct FederationConfig {
   proto::ModelSpec model;
-  uint32_t rounds = 10;           // total rounds of the run (a resumed run counts on)
+  // Parameters of the initial global model (e.g. a model file trained elsewhere), of `model`'s
+  // parameter count; empty: the spec's seeded initialisation. A checkpoint being resumed wins.
+  std::vector<float> initial_params;
+  // Total rounds of the run (a resumed run counts on). 0 only with initial_params: no
+  // training, the initial model is final (the coordinator then only serves inference).
+  uint32_t rounds = 10;
   double fraction = 0.1;          // C: fraction of available clients asked per round
   size_t min_fit = 2;             // a round needs at least this many results
   uint32_t local_epochs = 1;      // E
