@@ -10,6 +10,7 @@ const std::vector<Command>& Commands() {
       {"eval", "evaluate a saved model file on the test split of IDX data", RunEval},
       {"sim", "simulate a federation of N virtual clients in one process", RunSim},
       {"plan", "split a model over a chain of devices to maximise pipeline throughput", RunPlan},
+      {"infer", "classify a data set by split inference over a coordinator's clients", RunInfer},
   };
   return commands;
 }

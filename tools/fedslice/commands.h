@@ -21,5 +21,6 @@ int RunTrain(int argc, char** argv);
 int RunEval(int argc, char** argv);
 int RunSim(int argc, char** argv);
 int RunPlan(int argc, char** argv);
+int RunInfer(int argc, char** argv);
 
 }  // namespace fedslice::cli
