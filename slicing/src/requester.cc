@@ -533,6 +533,7 @@ Result<InferenceReport> InferenceRequester::Run(const Tensor& images,
       state.latencies_ms.push_back(Ms(now - state.sent_at[static_cast<size_t>(id)]));
       state.last_result = now;
       last_progress = now;
+      if (options.on_progress) options.on_progress(report.answered);
     }
     return failure;  // all answered (a failure seen meanwhile no longer matters)
   };
@@ -546,6 +547,7 @@ Result<InferenceReport> InferenceRequester::Run(const Tensor& images,
     }
     if (report.logits.size() == 0) report.logits = Tensor({state.n, state.classes});
     report.plans.push_back(plan);
+    if (options.on_plan) options.on_plan(plan);
     spdlog::info("pipeline {}: {} stage(s), predicted {:.1f} samples/s", plan.pipeline_id(),
                  plan.stages_size(), plan.predicted_samples_per_s());
 

@@ -32,6 +32,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -61,6 +62,11 @@ struct RequesterOptions {
   std::chrono::milliseconds failure_grace{2'000};
   // Clients not to use from the start.
   std::vector<std::string> exclude_clients;
+  // Observers, called on Run()'s thread (keep them short): with each plan before streaming
+  // through it, and with the number of images answered after each accepted result. For
+  // progress output, and for tests that inject a failure at a chosen point of a stream.
+  std::function<void(const proto::PipelinePlan&)> on_plan;
+  std::function<void(int64_t answered_images)> on_progress;
 };
 
 struct InferenceReport {
