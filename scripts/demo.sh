@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # FedSlice's main job on a fresh Debian 12 machine: install packages (as root), fetch
 # MNIST-10k, build, train the CNN centrally (printing its test accuracy per epoch), then run a
-# local federation: a coordinator and 4 edge clients over mutual TLS on loopback.
+# local federation: a coordinator and 4 edge clients over mutual TLS on loopback, and finally
+# split inference: the CNN sliced over 3 clients that pipeline the test set between them.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -20,3 +21,7 @@ echo "== 1. centralised training: the CNN on MNIST-10k"
 echo
 echo "== 2. a local federation: coordinator + 4 clients over mutual TLS 1.3, mlp, 5 rounds"
 bash examples/local_federation.sh "${FEDSLICE_DEMO_ROUNDS:-5}" mlp
+
+echo
+echo "== 3. split inference: the CNN of step 1 sliced over 3 local clients (mutual TLS, pipelined)"
+bash examples/split_inference.sh out/cnn.pb
