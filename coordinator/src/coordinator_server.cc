@@ -541,7 +541,8 @@ struct CoordinatorServer::Impl {
 
 Result<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
     CoordinatorOptions options, std::optional<data::Dataset> test_set) {
-  if (options.min_available < options.federation.min_fit) {
+  // (Without rounds, a serving coordinator needs neither.)
+  if (options.federation.rounds > 0 && options.min_available < options.federation.min_fit) {
     return Status::InvalidArgument("min_available (" + std::to_string(options.min_available) +
                                    ") must be >= min_fit (" +
                                    std::to_string(options.federation.min_fit) + ")");
