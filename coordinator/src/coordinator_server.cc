@@ -553,7 +553,9 @@ Result<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Start(
   impl->options = std::move(options);
   impl->TakeSnapshot();
   impl->pipelines = std::make_unique<PipelineService>(
-      PipelineService::Options{impl->options.slice_ready_timeout}, &impl->clients,
+      PipelineService::Options{impl->options.slice_ready_timeout,
+                               impl->options.stage_failure_grace},
+      &impl->clients,
       impl->federation.get());
   auto handler = std::make_shared<QueueingHandler>(&impl->queue);
   FEDSLICE_ASSIGN_OR_RETURN(

@@ -289,27 +289,15 @@ void PipelineService::Assign(const net::SessionPtr& requester, uint64_t request_
   }
 }
 
-void PipelineService::FailAssignment(uint64_t pipeline_id, const std::vector<std::string>& failed,
-                                     const std::string& reason) {
+void PipelineService::FailAssignment(uint64_t pipeline_id, std::vector<std::string> failed,
+                                     std::string reason) {
   auto it = pipelines_.find(pipeline_id);
   if (it == pipelines_.end()) return;
-  Pipeline pipeline = std::move(it->second);
+  Pipeline pipeline = it->second;  // a copy: Release forgets the original
   spdlog::warn("pipeline {}: assignment failed: {}", pipeline_id, reason);
-  // Clients that failed are not sent a release: they either are gone or never loaded the
-  // slice (a late SliceReady of a forgotten pipeline is ignored, and the client's next
-  // SliceAssign replaces whatever it holds).
-  std::set<std::string> failed_set(failed.begin(), failed.end());
-  for (const Stage& stage : pipeline.stages) host_of_.erase(stage.client_id);
-  pipelines_.erase(it);
-  for (const Stage& stage : pipeline.stages) {
-    if (failed_set.count(stage.client_id) != 0) continue;
-    if (net::SessionPtr session = SessionOf(stage.client_id)) {
-      proto::Envelope release;
-      release.mutable_slice_release()->set_pipeline_id(pipeline_id);
-      release.mutable_slice_release()->set_reason("assignment failed: " + reason);
-      (void)session->Send(std::move(release));  // a closing session releases by itself
-    }
-  }
+  // Every stage still registered is released, the failed ones too: a client that missed the
+  // deadline may still load the slice, and then drops it at once.
+  Release(pipeline_id, "assignment failed: " + reason);
   if (!pipeline.requester->is_open()) return;
   if (pipeline.attempt == 0) {
     std::set<std::string> excluded = pipeline.excluded;
@@ -325,13 +313,14 @@ void PipelineService::FailAssignment(uint64_t pipeline_id, const std::vector<std
              pipeline.request_seq);
 }
 
-void PipelineService::FailActive(uint64_t pipeline_id, const std::string& failed_client,
-                                 const std::string& reason) {
+void PipelineService::FailActive(uint64_t pipeline_id, std::string failed_client,
+                                 std::string reason) {
   auto it = pipelines_.find(pipeline_id);
   if (it == pipelines_.end()) return;
   net::SessionPtr requester = it->second.requester;
-  spdlog::warn("pipeline {} failed: {}", pipeline_id, reason);
-  Release(pipeline_id, "stage failed: " + reason, failed_client);
+  spdlog::warn("pipeline {} failed ({}): {}", pipeline_id,
+               failed_client.empty() ? "no client to blame" : "blaming " + failed_client, reason);
+  Release(pipeline_id, "stage failed: " + reason);
   proto::Envelope failed;
   failed.mutable_pipeline_failed()->set_pipeline_id(pipeline_id);
   failed.mutable_pipeline_failed()->set_reason(reason);
@@ -342,13 +331,11 @@ void PipelineService::FailActive(uint64_t pipeline_id, const std::string& failed
   }
 }
 
-void PipelineService::Release(uint64_t pipeline_id, const std::string& reason,
-                              const std::string& skip) {
+void PipelineService::Release(uint64_t pipeline_id, const std::string& reason) {
   auto it = pipelines_.find(pipeline_id);
   if (it == pipelines_.end()) return;
   for (const Stage& stage : it->second.stages) {
     host_of_.erase(stage.client_id);
-    if (stage.client_id == skip) continue;
     if (net::SessionPtr session = SessionOf(stage.client_id)) {
       proto::Envelope release;
       release.mutable_slice_release()->set_pipeline_id(pipeline_id);
@@ -405,11 +392,16 @@ void PipelineService::HandleSliceReady(const net::SessionPtr& client,
   if (!ready.ok()) {
     const std::string reason =
         what + " reports failure: " + (ready.message().empty() ? "no reason" : ready.message());
-    if (pipeline.active) {
-      FailActive(pipeline.id, id, reason);
-    } else {
-      FailAssignment(pipeline.id, {id}, reason);
-    }
+    if (!pipeline.active) return FailAssignment(pipeline.id, {id}, reason);
+    if (pipeline.failing) return;  // the first report stands
+    pipeline.failing = true;
+    pipeline.failure = reason;
+    pipeline.suspect = ready.stage_index() + 1 < pipeline.stages.size()
+                           ? pipeline.stages[ready.stage_index() + 1].client_id
+                           : "";
+    pipeline.deadline = Clock::now() + options_.failure_grace;
+    spdlog::info("pipeline {}: {}; waiting up to {} ms for the culprit to show", pipeline.id,
+                 reason, options_.failure_grace.count());
     return;
   }
   if (pipeline.active || stage.ready) return;  // a repeated ready changes nothing
@@ -489,11 +481,15 @@ void PipelineService::CheckDeadlines() {
   const auto now = Clock::now();
   std::vector<uint64_t> expired;
   for (const auto& [id, pipeline] : pipelines_) {
-    if (!pipeline.active && now >= pipeline.deadline) expired.push_back(id);
+    if ((!pipeline.active || pipeline.failing) && now >= pipeline.deadline) expired.push_back(id);
   }
   for (uint64_t id : expired) {
     auto it = pipelines_.find(id);
     if (it == pipelines_.end()) continue;  // a re-plan of an earlier one cannot take this id
+    if (it->second.active) {
+      FailActive(id, it->second.suspect, it->second.failure);
+      continue;
+    }
     std::vector<std::string> late;
     for (const Stage& stage : it->second.stages) {
       if (!stage.ready) late.push_back(stage.client_id);
@@ -507,7 +503,9 @@ void PipelineService::CheckDeadlines() {
 std::optional<PipelineService::Clock::time_point> PipelineService::NextDeadline() const {
   std::optional<Clock::time_point> next;
   for (const auto& [id, pipeline] : pipelines_) {
-    if (!pipeline.active && (!next || pipeline.deadline < *next)) next = pipeline.deadline;
+    if ((!pipeline.active || pipeline.failing) && (!next || pipeline.deadline < *next)) {
+      next = pipeline.deadline;
+    }
   }
   return next;
 }

@@ -12,6 +12,13 @@
 // ready_timeout) releases the other stages and is re-planned once without the failed clients;
 // a second failure is reported to the requester as an Error.
 //
+// Who failed. A client whose session closes is the failed one. A stage that reports
+// SliceReady{ok = false} for an active pipeline is usually the victim, not the culprit (its
+// next stage is unreachable or went away, or no sink joined), so the service waits up to
+// failure_grace for one of the pipeline's clients to disconnect, which then is named; if none
+// does, it names the reporter's next stage (nobody for the last stage: the sink is the
+// requester's own).
+//
 // Thread-safety: none. Every call comes from the coordinator's round thread, which also owns
 // the client registry and the federation the service reads.
 #pragma once
@@ -46,6 +53,8 @@ class PipelineService {
   struct Options {
     // How long the chosen clients have to answer a SliceAssign with SliceReady.
     std::chrono::milliseconds ready_timeout{30'000};
+    // How long a stage's failure report waits for the culprit to disconnect (see above).
+    std::chrono::milliseconds failure_grace{1'000};
   };
 
   // `clients` and `federation` are the coordinator's; both must outlive the service.
@@ -68,9 +77,10 @@ class PipelineService {
   // A requester's session closed: its pipelines are released.
   void OnRequesterGone(const net::SessionPtr& requester);
 
-  // Fails the assignments whose SliceReady deadline has passed.
+  // Fails the assignments whose SliceReady deadline has passed, and the pipelines whose
+  // failure_grace has.
   void CheckDeadlines();
-  // The earliest SliceReady deadline of an assignment in progress, if any.
+  // The earliest such deadline, if any.
   std::optional<Clock::time_point> NextDeadline() const;
 
   // Releases every pipeline (coordinator shutting down); requesters are not told, their
@@ -100,6 +110,11 @@ class PipelineService {
     std::vector<Stage> stages;
     proto::PipelinePlan plan;        // sent once every stage is ready
     Clock::time_point deadline;      // for SliceReady, while not active
+    // Active, a stage reported failure: fails at `deadline` blaming `suspect` unless a client
+    // of the pipeline disconnects first.
+    bool failing = false;
+    std::string suspect;
+    std::string failure;
   };
 
   // Plans and assigns `request` for `requester` (attempt 0 or 1); on failure answers the
@@ -112,14 +127,13 @@ class PipelineService {
                            const std::set<std::string>& excluded,
                            std::vector<proto::Envelope>* assigns) const;
   // An assignment failed because of `failed` clients: release the rest, re-plan once.
-  void FailAssignment(uint64_t pipeline_id, const std::vector<std::string>& failed,
-                      const std::string& reason);
+  void FailAssignment(uint64_t pipeline_id, std::vector<std::string> failed, std::string reason);
   // An active pipeline lost a stage: release the rest, tell the requester.
-  void FailActive(uint64_t pipeline_id, const std::string& failed_client,
-                  const std::string& reason);
-  // Sends SliceRelease to every stage still registered (except `skip`) and forgets the
-  // pipeline.
-  void Release(uint64_t pipeline_id, const std::string& reason, const std::string& skip = "");
+  // (Arguments by value: they may point into the pipeline, which is forgotten.)
+  void FailActive(uint64_t pipeline_id, std::string failed_client, std::string reason);
+  // Sends SliceRelease to every stage still registered and forgets the pipeline. (A client
+  // that does not hold the slice, e.g. one that never loaded it, ignores the release.)
+  void Release(uint64_t pipeline_id, const std::string& reason);
   void Activate(Pipeline& pipeline);
   void ReplyError(const net::SessionPtr& requester, proto::ErrorCode code,
                   const std::string& message, uint64_t seq) const;

@@ -341,12 +341,65 @@ TEST_F(PipelineServiceTest, AStageThatLeavesFailsThePipelineAndTheRestIsReleased
   ASSERT_EQ(replan.pipeline_plan().stages_size(), 1);
   EXPECT_EQ(replan.pipeline_plan().stages(0).client_id(), "client-0");
 
-  // A stage reporting failure of the active pipeline fails it the same way.
-  Ready(a, assign.slice_assign(), false, "cannot reach the sink");
+  // The last stage reporting a failure (no sink joined) fails the pipeline without blaming
+  // a client: the sink is the requester's own.
+  Ready(a, assign.slice_assign(), false, "no sink joined");
   proto::Envelope failed2 = Next(*requester);
   ASSERT_TRUE(failed2.has_pipeline_failed()) << net::BodyName(failed2);
-  EXPECT_EQ(failed2.pipeline_failed().failed_client(), "client-0");
-  EXPECT_NE(failed2.pipeline_failed().reason().find("cannot reach the sink"), std::string::npos);
+  EXPECT_EQ(failed2.pipeline_failed().failed_client(), "");
+  EXPECT_NE(failed2.pipeline_failed().reason().find("no sink joined"), std::string::npos);
+  ExpectRelease(a, assign.slice_assign().pipeline_id());
+}
+
+TEST_F(PipelineServiceTest, AStageReportingAFailureIsNotTheOneBlamed) {
+  StartCoordinator();
+  FakeClient c0 = Register("client-0", "127.0.0.1:41000");
+  FakeClient c1 = Register("client-1", "127.0.0.1:41001");
+  FakeClient c2 = Register("client-2", "127.0.0.1:41002");
+  WaitServing(3);
+  std::map<std::string, FakeClient*> by_id{{"client-0", &c0}, {"client-1", &c1},
+                                           {"client-2", &c2}};
+  auto requester = Connect("requester");
+  ASSERT_NE(requester, nullptr);
+
+  // Three stages; the middle one cannot reach the next: after the grace period (nobody
+  // disconnected) the next stage is named, and every stage is released, the reporter too.
+  auto start = [&](uint64_t token) {
+    std::vector<std::pair<FakeClient*, proto::SliceAssign>> stages(3);
+    EXPECT_TRUE(requester->Send(Request(token, 3)).ok());
+    auto assigns = CollectAssigns({&c0, &c1, &c2}, 3);
+    for (auto& [id, assign] : assigns) {
+      if (assign.stage_index() < 3) stages[assign.stage_index()] = {by_id[id], assign};
+      Ready(*by_id[id], assign);
+    }
+    proto::Envelope plan = Next(*requester);
+    EXPECT_TRUE(plan.has_pipeline_plan()) << net::BodyName(plan);
+    return stages;
+  };
+  auto stages = start(1);
+  ASSERT_NE(stages[2].first, nullptr);
+  const uint64_t first = stages[0].second.pipeline_id();
+  Ready(*stages[1].first, stages[1].second, false, "next stage unreachable");
+  proto::Envelope failed = Next(*requester);
+  ASSERT_TRUE(failed.has_pipeline_failed()) << net::BodyName(failed);
+  EXPECT_EQ(failed.pipeline_failed().pipeline_id(), first);
+  EXPECT_EQ(failed.pipeline_failed().failed_client(), stages[2].first->id);
+  EXPECT_NE(failed.pipeline_failed().reason().find("next stage unreachable"), std::string::npos);
+  for (auto& [client, assign] : stages) ExpectRelease(*client, first);
+
+  // Again; this time a client of the pipeline disconnects within the grace period: it is the
+  // one named, even though it is not the reporter's next stage.
+  stages = start(2);
+  ASSERT_NE(stages[0].first, nullptr);
+  const uint64_t second = stages[0].second.pipeline_id();
+  Ready(*stages[1].first, stages[1].second, false, "upstream vanished");
+  stages[0].first->channel->Close(Status::Aborted("killed"));
+  proto::Envelope failed_again = Next(*requester);
+  ASSERT_TRUE(failed_again.has_pipeline_failed()) << net::BodyName(failed_again);
+  EXPECT_EQ(failed_again.pipeline_failed().pipeline_id(), second);
+  EXPECT_EQ(failed_again.pipeline_failed().failed_client(), stages[0].first->id);
+  ExpectRelease(*stages[1].first, second);
+  ExpectRelease(*stages[2].first, second);
 }
 
 TEST_F(PipelineServiceTest, ARequesterThatLeavesReleasesItsPipeline) {
@@ -383,7 +436,9 @@ TEST_F(PipelineServiceTest, AFailedAssignmentIsReplannedOnceWithoutTheFailedClie
   const std::string refuser = it->first, loader = std::next(it)->first;
   Ready(*by_id[refuser], first.at(refuser), false, "out of memory");
   Ready(*by_id[loader], first.at(loader));
+  // Both are released (the refuser holds nothing, and ignores it).
   ExpectRelease(*by_id[loader], first.at(loader).pipeline_id());
+  ExpectRelease(*by_id[refuser], first.at(refuser).pipeline_id());
 
   // Second attempt: over the two others; one of them stays silent past the deadline.
   std::vector<FakeClient*> others;
@@ -398,9 +453,11 @@ TEST_F(PipelineServiceTest, AFailedAssignmentIsReplannedOnceWithoutTheFailedClie
   FakeClient* answering = by_id[second.begin()->first];
   Ready(*answering, second.begin()->second);
   ExpectRelease(*answering, second_id);
+  // The silent one is released too, should it load the slice late.
+  const std::string silent = std::next(second.begin())->first;
+  ExpectRelease(*by_id[silent], second_id);
 
   // Re-planned once only: the requester is told why, naming the silent client.
-  const std::string silent = std::next(second.begin())->first;
   ExpectError(*requester, proto::ERROR_RESOURCE_EXHAUSTED, "no SliceReady from " + silent);
   // The refusing client got nothing more (no third attempt).
   auto extra = by_id[refuser]->channel->Receive(300ms);

@@ -48,6 +48,10 @@ struct CoordinatorOptions {
   bool serve_inference = false;
   // How long clients chosen for a pipeline have to answer SliceAssign with SliceReady.
   std::chrono::milliseconds slice_ready_timeout{30'000};
+  // A stage reporting failure of an active pipeline is usually not the culprit: wait this
+  // long for a client of the pipeline to disconnect (and name it) before naming the
+  // reporter's next stage in PipelineFailed.
+  std::chrono::milliseconds stage_failure_grace{1'000};
 };
 
 class CoordinatorServer {
