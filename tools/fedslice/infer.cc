@@ -159,14 +159,11 @@ int RunInfer(int argc, char** argv) {
               (*requester)->identity().c_str(), micro_batch, activations.c_str(),
               stages == 0 ? "stages: planner's choice" : ("stages: " + std::to_string(stages)).c_str());
   std::fflush(stdout);
-  auto report = (*requester)->Run(images, options);
-  if (!report.ok()) {
-    PrintError(command, report.status().ToString());
-    return kExitFailure;
-  }
-  for (size_t i = 0; i < report->plans.size(); ++i) {
-    const proto::PipelinePlan& plan = report->plans[i];
-    std::printf("\n%s %llu (model %s of round %llu, %d stage(s)):\n", i == 0 ? "plan" : "re-plan",
+  // Plans are printed as they are used, so that a long stream shows where it runs.
+  int plans = 0;
+  options.on_plan = [&plans](const proto::PipelinePlan& plan) {
+    std::printf("\n%s %llu (model %s of round %llu, %d stage(s)):\n",
+                plans++ == 0 ? "plan" : "re-plan",
                 static_cast<unsigned long long>(plan.pipeline_id()), plan.model().name().c_str(),
                 static_cast<unsigned long long>(plan.global_round()), plan.stages_size());
     for (const proto::StageInfo& stage : plan.stages()) {
@@ -175,6 +172,12 @@ int RunInfer(int argc, char** argv) {
                   stage.unit_end(), stage.layers().c_str());
     }
     std::printf("%s", plan.plan_table().c_str());
+    std::fflush(stdout);
+  };
+  auto report = (*requester)->Run(images, options);
+  if (!report.ok()) {
+    PrintError(command, report.status().ToString());
+    return kExitFailure;
   }
   for (const std::string& failure : report->failures) std::printf("given up: %s\n", failure.c_str());
 
