@@ -26,20 +26,32 @@ int64_t Product(const std::vector<int64_t>& shape) {
 
 bool Splittable(const proto::LayerSpec& layer) { return layer.has_conv2d() || layer.has_dense(); }
 
-// Outputs (channels or features) of a conv2d / dense layer.
-int64_t Outputs(const proto::LayerSpec& layer) {
-  return layer.has_conv2d() ? layer.conv2d().out_channels() : layer.dense().out_features();
+// What a cut divides: a conv2d layer's output rows, a dense layer's output features.
+// `out_shape` is the layer's output sample shape.
+int64_t Outputs(const proto::LayerSpec& layer, const std::vector<int64_t>& out_shape) {
+  return layer.has_conv2d() ? out_shape[1] : out_shape[0];
 }
 
-// The spec of a layer computing `count` of the outputs of `layer`.
-proto::LayerSpec PartSpec(const proto::LayerSpec& layer, int64_t count) {
+// A dense layer computing `count` of the outputs of `layer`.
+proto::LayerSpec DensePartSpec(const proto::LayerSpec& layer, int64_t count) {
   proto::LayerSpec part = layer;
-  if (part.has_conv2d()) {
-    part.mutable_conv2d()->set_out_channels(static_cast<int32_t>(count));
-  } else {
-    part.mutable_dense()->set_out_features(static_cast<int32_t>(count));
-  }
+  part.mutable_dense()->set_out_features(static_cast<int32_t>(count));
   return part;
+}
+
+// The input rows a conv2d band of output rows [r0, r1) reads, counted from row
+// r0 * stride - padding (rows outside the image are the zero padding).
+int64_t BandInputRows(const proto::Conv2DSpec& conv, int64_t r0, int64_t r1) {
+  const int64_t stride = conv.stride() == 0 ? 1 : conv.stride();
+  return (r1 - r0 - 1) * stride + conv.kernel();
+}
+
+// A conv2d layer computing output rows [r0, r1) of `layer` from the band of its input they
+// read, given explicitly padded ({c, BandInputRows, w + 2 * padding}, no padding of its own).
+proto::LayerSpec BandSpec(const proto::LayerSpec& layer) {
+  proto::LayerSpec band = layer;
+  band.mutable_conv2d()->set_padding(0);
+  return band;
 }
 
 std::vector<int64_t> WithBatch(int64_t batch, const std::vector<int64_t>& shape) {
@@ -57,14 +69,41 @@ void CopyRows(const Tensor& src, int64_t n0, int64_t n1, Tensor* dst) {
   std::copy_n(src.data() + n0 * ss, (n1 - n0) * ss, dst->data());
 }
 
-// For every sample, copies src's `channels` planes of `plane` floats into dst starting at
-// channel `at` (dst has dst_channels channels per sample).
-void CopyChannels(const Tensor& src, int64_t channels, int64_t plane, Tensor* dst,
-                  int64_t dst_channels, int64_t at) {
+// Copies src [n][groups][count][span] into dst [n][groups][dst_count][span] at position `at`
+// of the third dimension (conv2d outputs: groups = channels, count = rows, span = width).
+void CopyOutputs(const Tensor& src, int64_t groups, int64_t count, int64_t span, Tensor* dst,
+                 int64_t dst_count, int64_t at) {
   const int64_t batch = src.batch();
   for (int64_t n = 0; n < batch; ++n) {
-    std::copy_n(src.data() + n * channels * plane, channels * plane,
-                dst->data() + (n * dst_channels + at) * plane);
+    for (int64_t g = 0; g < groups; ++g) {
+      std::copy_n(src.data() + (n * groups + g) * count * span, count * span,
+                  dst->data() + ((n * groups + g) * dst_count + at) * span);
+    }
+  }
+}
+
+// The input band a conv2d needs for output rows [r0, r1): in [n, c, h, w] -> band
+// [n] + band_shape ({c, rows, w + 2p}), explicitly zero-padded.
+void MakeBand(const Tensor& in, const proto::Conv2DSpec& conv, int64_t r0, int64_t r1,
+              const std::vector<int64_t>& band_shape, Tensor* band) {
+  (void)r1;
+  const int64_t n = in.batch(), c = in.dim(1), h = in.dim(2), w = in.dim(3);
+  const int64_t stride = conv.stride() == 0 ? 1 : conv.stride();
+  const int64_t pad = conv.padding();
+  const int64_t bh = band_shape[1], bw = band_shape[2];
+  band->Resize(WithBatch(n, band_shape));
+  band->SetZero();
+  const int64_t first = r0 * stride - pad;  // input row of band row 0
+  for (int64_t s = 0; s < n; ++s) {
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const float* src = in.data() + (s * c + ch) * h * w;
+      float* dst = band->data() + (s * c + ch) * bh * bw;
+      for (int64_t r = 0; r < bh; ++r) {
+        const int64_t ir = first + r;
+        if (ir < 0 || ir >= h) continue;
+        std::copy_n(src + ir * w, w, dst + r * bw + pad);
+      }
+    }
   }
 }
 
@@ -117,7 +156,8 @@ Result<Chain> Chain::Create(const proto::ModelSpec& model, const proto::ChainSpe
     if (!Splittable(l)) {
       return Status::InvalidArgument(what + ": only conv2d and dense layers can be cut");
     }
-    const int64_t limit = std::min<int64_t>(kMaxLayerParts, Outputs(l));
+    const int64_t limit = std::min<int64_t>(
+        kMaxLayerParts, Outputs(l, chain.layer_shapes_[static_cast<size_t>(layer) + 1]));
     if (split.parts() < 2 || split.parts() > limit) {
       return Status::InvalidArgument(what + ": parts = " + std::to_string(split.parts()) +
                                      ", must be in [2, " + std::to_string(limit) + "]");
@@ -128,7 +168,8 @@ Result<Chain> Chain::Create(const proto::ModelSpec& model, const proto::ChainSpe
     chain.first_unit_.push_back(static_cast<int>(chain.units_.size()));
     const auto& l = model.layers(i);
     const int p = parts[static_cast<size_t>(i)];
-    const int64_t outputs = Splittable(l) ? Outputs(l) : 0;
+    const int64_t outputs =
+        Splittable(l) ? Outputs(l, chain.layer_shapes_[static_cast<size_t>(i) + 1]) : 0;
     for (int j = 0; j < p; ++j) {
       Unit u;
       u.layer = i;
@@ -151,9 +192,9 @@ const std::vector<int64_t>& Chain::MainShape(int u) const {
 
 std::vector<int64_t> Chain::CarryShape(int u) const {
   if (u >= num_units() || unit(u).part == 0) return {};
-  // The layer's output shape with the channel (first) dimension cut to the parts done.
+  // The layer's output shape cut to the rows (conv2d: {c, rows, w}) or features (dense) done.
   std::vector<int64_t> shape = layer_shapes_[static_cast<size_t>(unit(u).layer) + 1];
-  shape[0] = unit(u).out_begin;
+  shape[shape.size() == 3 ? 1 : 0] = unit(u).out_begin;
   return shape;
 }
 
@@ -167,14 +208,19 @@ std::vector<LayerCost> Chain::UnitCosts(std::span<const LayerCost> layer_costs) 
     c.index = u;
     if (unit.parts > 1) {
       const auto& out_shape = layer_shapes_[static_cast<size_t>(unit.layer) + 1];
-      const double outputs = static_cast<double>(out_shape[0]);
-      const double share = static_cast<double>(unit.out_end - unit.out_begin) / outputs;
-      const int64_t plane_bytes = 4 * Product(out_shape) / out_shape[0];
+      const bool conv = out_shape.size() == 3;
+      const int64_t outputs = conv ? out_shape[1] : out_shape[0];
+      const double share = static_cast<double>(unit.out_end - unit.out_begin) /
+                           static_cast<double>(outputs);
+      // Bytes of one output row (conv2d: c x w floats) or feature.
+      const int64_t plane_bytes = 4 * Product(out_shape) / outputs;
       c.name = layer.name + "[" + std::to_string(unit.part) + "/" + std::to_string(unit.parts) +
                "]";
       c.forward_flops = layer.forward_flops * share;
-      c.param_bytes = 4 * (unit.out_end - unit.out_begin) *
-                      (layer_params_[static_cast<size_t>(unit.layer)] / out_shape[0]);
+      // A conv2d band needs all of the layer's weights, once per stage holding bands of it;
+      // counting a share per band keeps the bytes additive over units (and under-counts a
+      // stage's memory by at most the layer's parameters).
+      c.param_bytes = static_cast<int64_t>(std::llround(static_cast<double>(layer.param_bytes) * share));
       c.input_bytes = layer.input_bytes + unit.out_begin * plane_bytes;
       c.output_bytes = unit.part + 1 == unit.parts ? layer.output_bytes
                                                    : layer.input_bytes + unit.out_end * plane_bytes;
@@ -190,7 +236,8 @@ std::vector<double> Chain::UnitTimes(std::span<const double> layer_ms) const {
   for (const Unit& unit : units_) {
     double t = layer_ms[static_cast<size_t>(unit.layer)];
     if (unit.parts > 1) {
-      const double outputs = static_cast<double>(layer_shapes_[static_cast<size_t>(unit.layer) + 1][0]);
+      const auto& out_shape = layer_shapes_[static_cast<size_t>(unit.layer) + 1];
+      const double outputs = static_cast<double>(out_shape.size() == 3 ? out_shape[1] : out_shape[0]);
       t *= static_cast<double>(unit.out_end - unit.out_begin) / outputs;
     }
     times.push_back(t);
@@ -203,11 +250,14 @@ int64_t Chain::SliceParamCount(int begin, int end) const {
   for (int u = begin; u < end; ++u) {
     const Unit& unit = units_[static_cast<size_t>(u)];
     const int64_t params = layer_params_[static_cast<size_t>(unit.layer)];
+    const auto& out_shape = layer_shapes_[static_cast<size_t>(unit.layer) + 1];
     if (unit.parts == 1) {
       count += params;
+    } else if (out_shape.size() == 3) {
+      // conv2d bands: the whole layer, once for each run of its bands in the slice.
+      if (u == begin || units_[static_cast<size_t>(u) - 1].layer != unit.layer) count += params;
     } else {
-      const int64_t outputs = layer_shapes_[static_cast<size_t>(unit.layer) + 1][0];
-      count += (unit.out_end - unit.out_begin) * (params / outputs);
+      count += (unit.out_end - unit.out_begin) * (params / out_shape[0]);
     }
   }
   return count;
@@ -235,6 +285,12 @@ Result<std::vector<float>> Chain::PackSlice(std::span<const float> model_params,
       packed.insert(packed.end(), p, p + params);
       continue;
     }
+    if (layer_shapes_[static_cast<size_t>(unit.layer) + 1].size() == 3) {
+      if (u == begin || units_[static_cast<size_t>(u) - 1].layer != unit.layer) {
+        packed.insert(packed.end(), p, p + params);
+      }
+      continue;
+    }
     const int64_t outputs = layer_shapes_[static_cast<size_t>(unit.layer) + 1][0];
     const int64_t fan_in = params / outputs - 1;  // weights per output; then one bias
     packed.insert(packed.end(), p + unit.out_begin * fan_in, p + unit.out_end * fan_in);
@@ -260,6 +316,14 @@ proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerC
                            int max_stages) {
   proto::ChainSpec spec;
   if (max_stages <= 1) return spec;
+  // Output shapes, to bound the parts (a chain of this model validates them again).
+  std::vector<std::vector<int64_t>> shapes = {
+      std::vector<int64_t>(model.input_shape().begin(), model.input_shape().end())};
+  for (int i = 0; i < model.layers_size(); ++i) {
+    auto layer = CreateLayer(model.layers(i), shapes.back(), i);
+    if (!layer.ok()) return spec;
+    shapes.push_back((*layer)->output_shape());
+  }
   double total = 0;
   for (const LayerCost& c : layer_costs) total += c.forward_flops;
   if (total <= 0) return spec;
@@ -267,9 +331,10 @@ proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerC
     const auto& l = model.layers(i);
     if (!Splittable(l)) continue;
     const double share = layer_costs[static_cast<size_t>(i)].forward_flops / total;
-    if (share <= 1.0 / (2.0 * max_stages)) continue;
+    if (share <= 1.0 / (4.0 * max_stages)) continue;
     const int64_t parts = std::min<int64_t>(
-        {static_cast<int64_t>(std::ceil(2.0 * max_stages * share)), Outputs(l), kMaxLayerParts});
+        {static_cast<int64_t>(std::ceil(4.0 * max_stages * share)),
+         Outputs(l, shapes[static_cast<size_t>(i) + 1]), kMaxLayerParts});
     if (parts < 2) continue;
     auto* split = spec.add_splits();
     split->set_layer_index(static_cast<uint32_t>(i));
@@ -296,10 +361,11 @@ struct StageExecutor::Impl {
   struct Worker {
     std::vector<std::unique_ptr<Layer>> layers;
     std::vector<Tensor> acts;
-    Tensor input, carry, combined, out, out_carry;
+    Tensor input, carry, combined, band, out, out_carry;
   };
   std::vector<UnitParams> params;
   std::vector<proto::LayerSpec> unit_specs;
+  std::vector<std::vector<int64_t>> unit_inputs;  // the sample shape each unit's layer takes
   std::vector<Worker> workers;
 };
 
@@ -334,34 +400,74 @@ Result<std::unique_ptr<StageExecutor>> StageExecutor::Create(const Chain& chain,
     if (!layer.ok()) return layer.status();
     layer_offsets.push_back(layer_offsets.back() + (*layer)->param_count());
   }
+  // Consecutive parts of one cut layer within the slice run as one layer over their joint
+  // outputs: one im2col and one product instead of one per part (a part is a planning unit,
+  // not an execution one). Such a group's layer sits at its first unit; the others get none.
   int64_t at = 0;
-  for (int u = begin; u < end; ++u) {
+  for (int u = begin; u < end;) {
     const Unit& unit = chain.unit(u);
     const auto& layer_spec = chain.model().layers(unit.layer);
-    proto::LayerSpec spec =
-        unit.parts > 1 ? PartSpec(layer_spec, unit.out_end - unit.out_begin) : layer_spec;
-    const int64_t count = chain.SliceParamCount(u, u + 1);
+    int last = u;
+    while (unit.parts > 1 && last + 1 < end && chain.unit(last + 1).layer == unit.layer) ++last;
+    const int64_t count = chain.SliceParamCount(u, last + 1);
     int64_t model_offset = layer_offsets[static_cast<size_t>(unit.layer)];
-    if (unit.parts > 1) {
-      // A part's weights are rows [out_begin, out_end) of the layer's [outputs, fan_in].
-      const int64_t fan_in = count / (unit.out_end - unit.out_begin) - 1;
-      model_offset += unit.out_begin * fan_in;
-    }
     Impl::UnitParams p;
-    p.pad = model_offset % kAlignFloats;
-    p.buffer.assign(static_cast<size_t>(p.pad + std::max<int64_t>(count, 1)), 0.0f);
-    std::copy_n(packed.data() + at, count, p.data());
-    at += count;
+    proto::LayerSpec spec = layer_spec;
+    std::vector<int64_t> input_shape = chain.MainShape(u);
+    if (unit.parts > 1 && layer_spec.has_conv2d()) {
+      // Output rows [out_begin(u), out_end(last)) from the band of input rows they read.
+      const auto& conv = layer_spec.conv2d();
+      p.pad = model_offset % kAlignFloats;
+      p.buffer.assign(static_cast<size_t>(p.pad + count), 0.0f);
+      std::copy_n(packed.data() + at, count, p.data());
+      at += count;
+      spec = BandSpec(layer_spec);
+      input_shape = {input_shape[0], BandInputRows(conv, unit.out_begin, chain.unit(last).out_end),
+                     input_shape[2] + 2 * conv.padding()};
+    } else if (unit.parts > 1) {
+      const int64_t outputs = chain.unit(last).out_end - unit.out_begin;
+      const int64_t fan_in = count / outputs - 1;  // weights per output; then one bias
+      // Weights are rows [out_begin, out_end) of the layer's [outputs, fan_in].
+      model_offset += unit.out_begin * fan_in;
+      p.pad = model_offset % kAlignFloats;
+      p.buffer.assign(static_cast<size_t>(p.pad + count), 0.0f);
+      // Packed per part: its weight rows, then its biases. Joined: all rows, then all biases.
+      float* weights = p.data();
+      float* biases = p.data() + outputs * fan_in;
+      for (int v = u; v <= last; ++v) {
+        const int64_t rows = chain.unit(v).out_end - chain.unit(v).out_begin;
+        weights = std::copy_n(packed.data() + at, rows * fan_in, weights);
+        biases = std::copy_n(packed.data() + at + rows * fan_in, rows, biases);
+        at += rows * (fan_in + 1);
+      }
+      spec = DensePartSpec(layer_spec, outputs);
+    } else {
+      p.pad = model_offset % kAlignFloats;
+      p.buffer.assign(static_cast<size_t>(p.pad + std::max<int64_t>(count, 1)), 0.0f);
+      std::copy_n(packed.data() + at, count, p.data());
+      at += count;
+    }
     impl.params.push_back(std::move(p));
     impl.unit_specs.push_back(std::move(spec));
+    impl.unit_inputs.push_back(std::move(input_shape));
+    for (int v = u + 1; v <= last; ++v) {
+      impl.params.emplace_back();
+      impl.unit_specs.emplace_back();
+      impl.unit_inputs.emplace_back();
+    }
+    u = last + 1;
   }
   // Build worker 0 now so that spec problems surface here, not in Run.
   Impl::Worker w;
   for (int u = begin; u < end; ++u) {
+    if (impl.params[static_cast<size_t>(u - begin)].buffer.empty()) {
+      w.layers.emplace_back();  // joined into the layer of its group's first part
+      continue;
+    }
     FEDSLICE_ASSIGN_OR_RETURN(
         std::unique_ptr<Layer> layer,
-        CreateLayer(impl.unit_specs[static_cast<size_t>(u - begin)], chain.MainShape(u),
-                    chain.unit(u).layer));
+        CreateLayer(impl.unit_specs[static_cast<size_t>(u - begin)],
+                    impl.unit_inputs[static_cast<size_t>(u - begin)], chain.unit(u).layer));
     // Inference never writes gradients; the parameter pointer doubles as the gradient one so
     // that no gradient buffer is allocated.
     float* p = impl.params[static_cast<size_t>(u - begin)].data();
@@ -397,8 +503,13 @@ Status StageExecutor::Run(const Tensor& in, const Tensor& carry, Tensor* out, Te
   while (static_cast<int>(impl.workers.size()) < std::max(workers, 1)) {
     Impl::Worker w;
     for (int u = begin_; u < end_; ++u) {
+      if (impl.params[static_cast<size_t>(u - begin_)].buffer.empty()) {
+        w.layers.emplace_back();
+        continue;
+      }
       auto layer = CreateLayer(impl.unit_specs[static_cast<size_t>(u - begin_)],
-                               chain_.MainShape(u), chain_.unit(u).layer);
+                               impl.unit_inputs[static_cast<size_t>(u - begin_)],
+                               chain_.unit(u).layer);
       float* p = impl.params[static_cast<size_t>(u - begin_)].data();
       (*layer)->BindParams(p, p);
       w.layers.push_back(std::move(*layer));
@@ -428,26 +539,34 @@ Status StageExecutor::Run(const Tensor& in, const Tensor& carry, Tensor* out, Te
         ++u;
         continue;
       }
-      // Parts of one cut layer: each computes its outputs from the layer's input; they are
-      // stacked by channel after the outputs carried in.
+      // Parts u..last of one cut layer, joined into one layer: they compute the layer's rows
+      // (conv2d) or features (dense) [out_begin(u), out_end(last)) from its input; those go
+      // after the ones carried in.
       const auto& out_shape = chain_.MainShape(chain_.FirstUnitOfLayer(unit.layer + 1));
-      const int64_t plane = Product(out_shape) / out_shape[0];
+      const bool conv = out_shape.size() == 3;
       int last = u;
       while (last + 1 < end_ && chain_.unit(last + 1).layer == unit.layer) ++last;
       const int64_t done = chain_.unit(last).out_end;
+      // Viewed as [rows][groups][outputs][span]: conv2d {c, rows, w} has groups = c and
+      // span = w; dense {features} has groups = 1 and span = 1.
+      const int64_t groups = conv ? out_shape[0] : 1;
+      const int64_t span = conv ? out_shape[2] : 1;
       std::vector<int64_t> combined_shape = out_shape;
-      combined_shape[0] = done;
+      combined_shape[conv ? 1 : 0] = done;
       w.combined.Resize(WithBatch(rows, combined_shape));
       if (unit.part > 0) {
-        CopyChannels(*rows_carry, unit.out_begin, plane, &w.combined, done, 0);
+        CopyOutputs(*rows_carry, groups, unit.out_begin, span, &w.combined, done, 0);
       }
-      for (int v = u; v <= last; ++v) {
-        const size_t kv = static_cast<size_t>(v - begin_);
-        const Unit& part = chain_.unit(v);
-        w.layers[kv]->Forward(*cur, &w.acts[kv], false);
-        CopyChannels(w.acts[kv], part.out_end - part.out_begin, plane, &w.combined, done,
-                     part.out_begin);
+      const size_t k0 = static_cast<size_t>(u - begin_);
+      if (conv) {
+        const auto& spec = chain_.model().layers(unit.layer).conv2d();
+        MakeBand(*cur, spec, unit.out_begin, done, impl.unit_inputs[k0], &w.band);
+        w.layers[k0]->Forward(w.band, &w.acts[k0], false);
+      } else {
+        w.layers[k0]->Forward(*cur, &w.acts[k0], false);
       }
+      CopyOutputs(w.acts[k0], groups, done - unit.out_begin, span, &w.combined, done,
+                  unit.out_begin);
       if (chain_.unit(last).part + 1 < chain_.unit(last).parts) {
         // The slice ends inside the layer: its input goes on, with the channels done so far.
         w.out_carry = w.combined;

@@ -1,23 +1,28 @@
 // The chain a pipeline is cut from, and the executor that runs one slice of it.
 //
 // Units. The planner places contiguous ranges of *units*. Every layer of the model is one unit,
-// except the layers a proto::ChainSpec splits: a conv2d layer cut into P parts by output
-// channel (a dense layer: by output feature) becomes P consecutive units, part j computing
-// output channels [out_begin, out_end) from the layer's full input. Why: one layer can hold
-// most of a model's work (the cnn's conv2 is ~80% of its FLOPs), so whole-layer slices cannot
-// balance K stages; parts of it can.
+// except the layers a proto::ChainSpec splits: a conv2d layer cut into P parts by output ROW
+// (a band of rows of every channel; a dense layer: by output feature) becomes P consecutive
+// units, part j computing output rows [out_begin, out_end) from the layer's input. Why: one
+// layer can hold most of a model's work (the cnn's conv2 is ~80% of its FLOPs), so
+// whole-layer slices cannot balance K stages; parts of it can. Rows rather than channels for
+// conv2d: a band reads only the input rows under it, so the parts' im2col work adds up to the
+// layer's (cutting by channel repeats the whole im2col in every part: measured +37% of the
+// cnn's compute for 2 stages, against +7% with bands; bench/stage_bench).
 //
 // What crosses a boundary before unit u (the "activation" a stage receives):
 //   main  [batch] + MainShape(u): the input of u's layer (for u = num_units(): the logits),
 //   carry [batch] + CarryShape(u): when u is part j > 0 of a split layer, the outputs of parts
-//         0..j-1 (channels [0, out_begin(u)) of the layer's output); otherwise empty.
-// A stage that ends inside a split layer so sends the layer's input onward with the channels
-// computed so far; the stage that computes its last part concatenates them.
+//         0..j-1: rows [0, out_begin(u)) of every channel ({c, rows, w}) of a conv2d,
+//         features [0, out_begin(u)) of a dense layer; otherwise empty.
+// A stage that ends inside a split layer so sends the layer's input onward with the rows /
+// features computed so far; the stage that computes its last part joins them.
 //
 // Slice parameters ("packed"): the parameters of units [b, e) in unit order; a whole layer's
-// are its parameters as in the model's flat buffer (layers.h layout), a part's are the rows
-// [out_begin, out_end) of the layer's weights followed by the same range of its bias, which is
-// exactly the layout of a layer with out_end - out_begin outputs. So a stage receives only its
+// are its parameters as in the model's flat buffer (layers.h layout); a run of bands of a
+// conv2d needs all of that layer's parameters, packed once; a dense part's are the rows
+// [out_begin, out_end) of the layer's weights followed by the same range of its bias (the
+// layout of a dense layer with out_end - out_begin outputs). So a stage receives only its
 // slice's parameters, never the whole model's.
 //
 // Thread-safety: Chain is immutable after Create (share it freely). A StageExecutor is not
@@ -44,7 +49,7 @@ struct Unit {
   int layer = 0;   // model layer index
   int part = 0;    // 0 .. parts-1
   int parts = 1;   // 1: the whole layer
-  // Output channels (conv2d) or features (dense) this unit computes; a whole layer of another
+  // Output rows (conv2d) or features (dense) this unit computes; a whole layer of another
   // kind has [0, 0).
   int64_t out_begin = 0;
   int64_t out_end = 0;
@@ -103,9 +108,10 @@ class Chain {
 };
 
 // Which layers to cut for a pipeline of up to `max_stages` stages: a conv2d or dense layer
-// holding more than 1/(2·max_stages) of the model's forward FLOPs is cut into
-// ceil(2·max_stages·share) parts (at most its outputs and kMaxLayerParts), so that stage
-// boundaries can fall within ~1/(2·max_stages) of the ideal balance. max_stages <= 1: no cuts.
+// holding more than 1/(4·max_stages) of the model's forward FLOPs is cut into
+// ceil(4·max_stages·share) parts (at most its output rows / features and kMaxLayerParts), so
+// that stage boundaries can fall within ~1/(4·max_stages) of the ideal balance (with 2·K
+// parts the cnn's 3- and 4-stage plans were 14% off balance). max_stages <= 1: no cuts.
 proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerCost> layer_costs,
                            int max_stages);
 
@@ -114,6 +120,7 @@ proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerC
 // layer's weights keep the alignment they have in a Model), so a plan without cut layers
 // gives logits bit-identical to single-process inference with the same batch size; cut
 // layers compute their parts as separate products, which can round differently (|Δ| ~1e-7).
+// Consecutive parts of one layer within the slice run as one band / one product.
 class StageExecutor {
  public:
   // `packed` must hold Chain::SliceParamCount(begin, end) finite values (copied).

@@ -34,10 +34,12 @@
 // SliceReady{ok = false}; the coordinator re-plans.) A closed upstream or sink session is
 // not a failure of this stage: its peer is gone, and the coordinator hears of it elsewhere.
 //
-// Emulated slow devices: with slowdown N > 1, after computing a micro-batch that took t the
-// compute thread waits (N - 1)·t before sending it on, so the stage behaves as a device N
-// times slower than this host (for measuring pipelines of several stages on one machine;
-// real devices, or Docker CPU limits, need no emulation).
+// Emulated slow devices: with slowdown N > 1 the compute thread holds each micro-batch until
+// N·c has passed since its compute started, c being the CPU time the compute used (on one
+// engine thread; with more, its wall time), so the stage behaves as a device N times slower
+// than this host — also when neighbouring stages on the same host compete for its cores
+// (for measuring pipelines of several stages on one machine; real devices, or Docker CPU
+// limits, need no emulation).
 //
 // Threads: `io_threads` run the sessions; one compute thread runs the executor (never an io
 // thread, so a long micro-batch does not stall heartbeats or the upstream's reads). Public
