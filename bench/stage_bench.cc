@@ -37,7 +37,7 @@ void BM_CnnStages(benchmark::State& state) {
   for (const auto& t : *times) device.layer_ms_per_sample.push_back(t.forward_ms_per_sample());
   device.layer_ms_per_sample = chain->UnitTimes(device.layer_ms_per_sample);
   std::vector<slicing::Device> devices(static_cast<size_t>(stages), device);
-  for (int i = 0; i < stages; ++i) devices[static_cast<size_t>(i)].name = "d" + std::to_string(i);
+  for (int i = 0; i < stages; ++i) devices[static_cast<size_t>(i)].name = std::string("d").append(std::to_string(i));
   slicing::PlanOptions options;
   options.micro_batch = batch;
   options.num_stages = stages;
@@ -79,7 +79,10 @@ void BM_CnnStages(benchmark::State& state) {
   state.counters["balance"] = sum / (static_cast<double>(stages) * max);
   state.counters["predicted_max_ms"] = plan->bottleneck_ms;
   std::string label;
-  for (const auto& s : plan->stages) label += (label.empty() ? "" : " | ") + chain->Describe(s.begin, s.end);
+  for (const auto& s : plan->stages) {
+    if (!label.empty()) label.append(" | ");
+    label.append(chain->Describe(s.begin, s.end));
+  }
   state.SetLabel(label);
 }
 
