@@ -4,14 +4,15 @@
 # container alone.
 #
 #   docker/bench_fleet.sh [--cpus 0.5] [--stages "1 3"] [--repeat 3] [--limit 2000]
-#                         [--micro-batch 64] [--activations fp32] [--no-build]
+#                         [--micro-batch 64] [--activations fp32] [--no-build] [-- FLAGS]
 #
 # Trains a cnn for one epoch once (in a container; the weights do not change the speed) and
 # starts a fleet of max(stages) clients serving it (docker/fleet.sh up --rounds 0), each with
 # --cpus C. Then runs `fedslice infer` --repeat times per stage count and prints the median
 # images/s, the planner's prediction, the speed-up over the first stage count and the latency
 # per micro-batch. The requester and the coordinator run without limits. The fleet is removed
-# at the end, also on failure or Ctrl-C. Output: out/docker-bench/.
+# at the end, also on failure or Ctrl-C. FLAGS go to every `fedslice infer` as they are (e.g.
+# -- --no-split-layers). Output: out/docker-bench/.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -24,10 +25,12 @@ limit=2000
 micro_batch=64
 activations=fp32
 build_args=()
+infer_extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --) shift; infer_extra=("$@"); break ;;
     --no-build) build_args=(--no-build); shift; continue ;;
-    -h|--help) sed -n '2,14s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
   esac
   [[ $# -ge 2 ]] || die "$1 needs a value"
   case "$1" in
@@ -78,7 +81,8 @@ trap '"${fleet[@]}" down --name "$name" >/dev/null 2>&1 || true' EXIT
   { tail -n 30 "$out/up.log" >&2; die "the fleet did not start"; }
 
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
-echo "cnn, $limit MNIST-10k test images, micro-batch $micro_batch, $activations activations;" \
+echo "cnn, $limit MNIST-10k test images, micro-batch $micro_batch, $activations activations" \
+     "${infer_extra[*]};" \
      "each stage a container with --cpus $cpus ($(nproc)-core host); median of $repeat runs"
 printf "%-7s %10s %10s %9s %10s %10s\n" stages "images/s" predicted speed-up "p50 ms" accuracy
 base=""
@@ -88,7 +92,8 @@ for k in $stages_list; do
   for ((r = 1; r <= repeat; r++)); do
     log="$out/infer-$k-$r.txt"
     "${fleet[@]}" infer --name "$name" --out "$out/fleet" --stages "$k" --limit "$limit" \
-      --micro-batch "$micro_batch" --activations "$activations" >"$log" 2>&1 ||
+      --micro-batch "$micro_batch" --activations "$activations" -- "${infer_extra[@]}" \
+      >"$log" 2>&1 ||
       { tail -n 30 "$log" >&2; die "fedslice infer --stages $k failed"; }
     sed -n 's/^throughput: \([0-9.]*\) images\/s (predicted \([0-9.]*\)).*/\1 \2/p' "$log" \
       >>"$out/runs-$k.txt"

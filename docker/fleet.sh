@@ -3,9 +3,10 @@
 #
 #   docker/fleet.sh [run] [options]     the whole story, then tear down (default)
 #   docker/fleet.sh up [options]        the same, but leave the fleet running
-#   docker/fleet.sh infer [options]     split inference against a running fleet (--name, --out,
-#                                       --stages, --micro-batch, --activations, --limit)
-#   docker/fleet.sh down [--name NAME]  stop and remove a fleet left running
+#   docker/fleet.sh infer [options] [-- FLAGS]   split inference against a running fleet
+#                                       (--name, --out, --stages, --micro-batch, --activations,
+#                                       --limit; FLAGS go to fedslice infer as they are)
+#   docker/fleet.sh down [--name NAME]  save the logs of a fleet left running, remove it
 #
 # The story: make sure a Docker engine runs (docker/engine.sh), build the base image when no
 # registry can provide it (docker/make_base_image.sh) and the FedSlice image (docker/
@@ -52,7 +53,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 say() { echo "fleet: $*"; }
 die() { echo "fleet: error: $*" >&2; exit 1; }
-usage() { sed -n '2,8s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2; }
+usage() { sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2; exit 2; }
 
 command=run
 case "${1:-}" in
@@ -80,14 +81,21 @@ timeout_s=900
 keep=0
 ci=0
 declare -A shape=()
+infer_extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
+    --) shift; infer_extra=("$@"); break ;;
     --keep) keep=1; shift; continue ;;
     --ci) ci=1; shift; continue ;;
     --no-build) build=0; shift; continue ;;
-    -h|--help) sed -n '2,48s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,50s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
   esac
-  [[ $# -ge 2 ]] || { echo "fleet: $1 needs a value" >&2; usage; }
+  case "$1" in
+    --clients|--rounds|--model|--init-model|--partition|--cpus|--memory|--shape|--stages|\
+    --micro-batch|--activations|--limit|--min-accuracy|--name|--out|--image|--jobs|--timeout)
+      [[ $# -ge 2 ]] || { echo "fleet: $1 needs a value" >&2; usage; } ;;
+    *) echo "fleet: unknown option $1" >&2; usage ;;
+  esac
   case "$1" in
     --clients) clients=$2 ;;
     --rounds) rounds=$2 ;;
@@ -209,7 +217,7 @@ run_infer() {
     --name "$container" "$image" fedslice infer --coordinator "coordinator:$coordinator_port" \
     --ca /certs/ca.pem --cert /certs/cert.pem --key /certs/key.pem --data /data \
     --limit "$limit" --stages "$stages" --micro-batch "$micro_batch" \
-    --activations "$activations" >"$file" 2>&1
+    --activations "$activations" "${infer_extra[@]}" >"$file" 2>&1
   rc=$?
   set -e
   cat "$file"
@@ -236,8 +244,12 @@ check_infer() {
 
 if [[ $command == down ]]; then
   docker info >/dev/null 2>&1 || die "no Docker engine answers"
+  mkdir -p "$out/logs"
+  for c in $(docker ps -a --filter "label=$label" --format '{{.Names}}'); do
+    docker logs "$c" >"$out/logs/${c#"$name"-}.log" 2>&1 || true
+  done
   remove_fleet
-  say "removed fleet $name"
+  say "removed fleet $name (its logs: $out/logs)"
   exit 0
 fi
 
