@@ -72,8 +72,12 @@ TEST_F(CodecAccuracyTest, LossyCodecsStayCloseToFp32) {
   // sign with error feedback (its default): within 2 points at 1 bit per value.
   EXPECT_GE(sign.tail_accuracy, fp32.tail_accuracy - 0.02);
   EXPECT_LE(sign.bytes_up_per_round, 0.04 * fp32.bytes_up_per_round);
-  // topk:0.01 with error feedback: the bar is 1.5 points; measured 1.65 points below
-  // fp32 on this seed (see BENCHMARKS.md), so this asserts 2 points until that gap is closed.
+  // topk:0.01 with error feedback: the bar is 1.5 points and is NOT met. Gaps to fp32
+  // on run seeds 1/2/3: 1.65 / 2.05 / 1.60 points (fp32 90.36 / 90.46 / 90.40%, topk 88.71 /
+  // 88.41 / 88.80%). The 2-point bound guards this seed against regressions (0.35 points of
+  // margin); it is not the bar, and seed 2 is outside it. Cause: with C = 0.1 a client's
+  // residual is flushed only ~10 times per run, 1% of the values at a time, so most of its
+  // update is still unsent at round 100. What was measured against it: BENCHMARKS.md.
   EXPECT_GE(topk.tail_accuracy, fp32.tail_accuracy - 0.02);
   EXPECT_LE(topk.bytes_up_per_round, 0.025 * fp32.bytes_up_per_round);
 }
