@@ -4,7 +4,9 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <ctime>
 
 #include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/threading.h"
@@ -105,6 +107,13 @@ void MakeBand(const Tensor& in, const proto::Conv2DSpec& conv, int64_t r0, int64
       }
     }
   }
+}
+
+// CPU time this thread has used, in seconds.
+double ThreadCpuSeconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
 constexpr int64_t kAlignFloats = 16;  // 64 bytes, Model's buffer alignment
@@ -605,7 +614,8 @@ Status StageExecutor::Run(const Tensor& in, const Tensor& carry, Tensor* out, Te
 }
 
 Result<proto::ActivationBatch> StageExecutor::Run(const proto::ActivationBatch& batch,
-                                                  const codec::CodecSpec& codec) {
+                                                  const codec::CodecSpec& codec,
+                                                  ComputeTimes* times) {
   if (batch.unit() != static_cast<uint32_t>(begin_)) {
     return Status::InvalidArgument("activation batch " + std::to_string(batch.batch_id()) +
                                    " enters at unit " + std::to_string(batch.unit()) +
@@ -635,7 +645,14 @@ Result<proto::ActivationBatch> StageExecutor::Run(const proto::ActivationBatch& 
                                    ", which starts a layer");
   }
   Tensor out, out_carry;
+  const auto wall_start = std::chrono::steady_clock::now();
+  const double cpu_start = ThreadCpuSeconds();
   FEDSLICE_RETURN_IF_ERROR(Run(in, carry, &out, &out_carry));
+  if (times != nullptr) {
+    times->cpu_seconds = ThreadCpuSeconds() - cpu_start;
+    times->wall_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
+  }
   proto::ActivationBatch result;
   result.set_pipeline_id(batch.pipeline_id());
   result.set_batch_id(batch.batch_id());

@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <cmath>
 #include <condition_variable>
-#include <ctime>
 #include <deque>
 #include <exception>
 #include <mutex>
@@ -57,13 +56,6 @@ class ScopedEngineThreads {
  private:
   int previous_ = 0;
 };
-
-// CPU time this thread has used, in seconds.
-double ThreadCpuSeconds() {
-  timespec ts{};
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
-}
 
 std::string PipelineName(uint64_t id) { return "pipeline " + std::to_string(id); }
 
@@ -582,14 +574,14 @@ void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item)
   }
 
   const auto start = Clock::now();
-  const double cpu_start = ThreadCpuSeconds();
   bool single_threaded = false;
+  StageExecutor::ComputeTimes compute;
   Result<proto::ActivationBatch> out = Status::Internal("not run");
   {
     ScopedEngineThreads threads(options.engine_threads);
     single_threaded = NumThreads() == 1;
     try {
-      out = s->executor->Run(batch, s->out_codec);
+      out = s->executor->Run(batch, s->out_codec, &compute);
     } catch (const std::exception& e) {
       out = Status::Internal(std::string("stage compute failed: ") + e.what());
     }
@@ -607,12 +599,12 @@ void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item)
     std::unique_lock<std::mutex> lock(mu);
     ++stats.batches_computed;
     if (options.slowdown > 1.0) {
-      // Emulation of a device `slowdown` times slower: it would still be computing. On one
-      // engine thread the device's time is N x the CPU time the compute took, so that other
+      // Emulation of a device `slowdown` times slower: it would still be computing. The
+      // layers' time is scaled (not decoding/encoding the activations: the planner models
+      // those with the link). On one engine thread that is N x their CPU time, so that other
       // processes on this host (neighbouring stages) stretching our wall time do not stretch
-      // the emulated device as well; with several threads, N x the wall time.
-      const double work = single_threaded ? ThreadCpuSeconds() - cpu_start
-                                          : std::chrono::duration<double>(took).count();
+      // the emulated device as well; with several threads, N x their wall time.
+      const double work = single_threaded ? compute.cpu_seconds : compute.wall_seconds;
       const auto device = std::chrono::duration_cast<Clock::duration>(
           std::chrono::duration<double>(work * options.slowdown));
       if (device > took) cv.wait_for(lock, device - took, [&] { return stop || s->released; });

@@ -146,8 +146,18 @@ class StageExecutor {
   // before anything is allocated, values finite), runs, and encodes the result into a new
   // ActivationBatch (same pipeline_id and batch_id, unit = unit_end()) with `codec` —
   // callers pass fp32 for the logits of the last stage. InvalidArgument on any mismatch.
+  //
+  // `times`, when given, receives the cost of the layers alone (decoding and encoding the
+  // activations excluded): wall time and this thread's CPU time. Slow-device emulation
+  // scales the layers' time only, as the planner's device model does (transfers, codecs
+  // included, are the link's part).
+  struct ComputeTimes {
+    double wall_seconds = 0;
+    double cpu_seconds = 0;
+  };
   Result<proto::ActivationBatch> Run(const proto::ActivationBatch& batch,
-                                     const codec::CodecSpec& codec);
+                                     const codec::CodecSpec& codec,
+                                     ComputeTimes* times = nullptr);
 
   static constexpr int64_t kMaxBatch = 4096;
 

@@ -35,9 +35,11 @@
 // not a failure of this stage: its peer is gone, and the coordinator hears of it elsewhere.
 //
 // Emulated slow devices: with slowdown N > 1 the compute thread holds each micro-batch until
-// N·c has passed since its compute started, c being the CPU time the compute used (on one
-// engine thread; with more, its wall time), so the stage behaves as a device N times slower
-// than this host — also when neighbouring stages on the same host compete for its cores
+// N·c has passed since its compute started, c being the CPU time its layers used (on one
+// engine thread; with more, their wall time; decoding and encoding the activations are not
+// scaled: the planner counts them with the link), so the stage behaves as a device whose
+// layers run N times slower than this host's — also when neighbouring stages on the same
+// host compete for its cores
 // (for measuring pipelines of several stages on one machine; real devices, or Docker CPU
 // limits, need no emulation).
 //
