@@ -10,6 +10,7 @@
 #include <mutex>
 #include <thread>
 
+#include "fedslice/common/blocking_queue.h"
 #include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/net/wire.h"
 #include "fedslice/slicing/cost.h"
@@ -30,29 +31,7 @@ struct Event {
   Status reason;
 };
 
-class EventQueue {
- public:
-  void Push(Event event) {
-    {
-      std::lock_guard lock(mu_);
-      events_.push_back(std::move(event));
-    }
-    cv_.notify_one();
-  }
-  // The next event, or nullopt once `deadline` passes.
-  std::optional<Event> Pop(Clock::time_point deadline) {
-    std::unique_lock lock(mu_);
-    if (!cv_.wait_until(lock, deadline, [&] { return !events_.empty(); })) return std::nullopt;
-    Event event = std::move(events_.front());
-    events_.pop_front();
-    return event;
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Event> events_;
-};
+using EventQueue = BlockingQueue<Event>;
 
 // Forwards every transport callback into the queue: the round thread does the thinking, so
 // the I/O thread never blocks on training-sized work.

@@ -14,6 +14,7 @@
 #include <set>
 #include <thread>
 
+#include "fedslice/common/blocking_queue.h"
 #include "fedslice/common/codec.h"
 #include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/net/wire.h"
@@ -37,28 +38,7 @@ struct Event {
   Result<proto::Envelope> message = Status::Internal("unset");
 };
 
-class EventQueue {
- public:
-  void Push(Event event) {
-    {
-      std::lock_guard lock(mu_);
-      events_.push_back(std::move(event));
-    }
-    cv_.notify_one();
-  }
-  std::optional<Event> Pop(Clock::time_point deadline) {
-    std::unique_lock lock(mu_);
-    if (!cv_.wait_until(lock, deadline, [&] { return !events_.empty(); })) return std::nullopt;
-    Event event = std::move(events_.front());
-    events_.pop_front();
-    return event;
-  }
-
- private:
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<Event> events_;
-};
+using EventQueue = BlockingQueue<Event>;
 
 // Reads `channel` until it closes or `stop` is set, pushing every message (and finally the
 // reason the connection ended) into `queue`.
