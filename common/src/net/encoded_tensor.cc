@@ -15,7 +15,8 @@ constexpr size_t kMaxCodecNameBytes = 64;
 static_assert(sizeof(float) == 4 && std::numeric_limits<float>::is_iec559,
               "the fp32 codec needs IEEE-754 binary32 floats");
 
-uint32_t ByteSwap(uint32_t v) {
+// Used only on big-endian hosts (if constexpr below); clang warns it is unused elsewhere.
+[[maybe_unused]] uint32_t ByteSwap(uint32_t v) {
   return (v >> 24) | ((v >> 8) & 0x0000ff00u) | ((v << 8) & 0x00ff0000u) | (v << 24);
 }
 
