@@ -402,13 +402,6 @@ Result<std::unique_ptr<StageExecutor>> StageExecutor::Create(const Chain& chain,
   }
   std::unique_ptr<StageExecutor> ex(new StageExecutor(chain, begin, end));
   Impl& impl = *ex->impl_;
-  // Where each unit's weights sit in the model's flat buffer (for the alignment).
-  std::vector<int64_t> layer_offsets = {0};
-  for (int i = 0; i < chain.num_layers(); ++i) {
-    auto layer = CreateLayer(chain.model().layers(i), chain.MainShape(chain.FirstUnitOfLayer(i)), i);
-    if (!layer.ok()) return layer.status();
-    layer_offsets.push_back(layer_offsets.back() + (*layer)->param_count());
-  }
   // Consecutive parts of one cut layer within the slice run as one layer over their joint
   // outputs: one im2col and one product instead of one per part (a part is a planning unit,
   // not an execution one). Such a group's layer sits at its first unit; the others get none.
@@ -419,7 +412,8 @@ Result<std::unique_ptr<StageExecutor>> StageExecutor::Create(const Chain& chain,
     int last = u;
     while (unit.parts > 1 && last + 1 < end && chain.unit(last + 1).layer == unit.layer) ++last;
     const int64_t count = chain.SliceParamCount(u, last + 1);
-    int64_t model_offset = layer_offsets[static_cast<size_t>(unit.layer)];
+    // Where the weights sit in the model's flat buffer (for their alignment).
+    int64_t model_offset = chain.LayerParamOffset(unit.layer);
     Impl::UnitParams p;
     proto::LayerSpec spec = layer_spec;
     std::vector<int64_t> input_shape = chain.MainShape(u);

@@ -70,6 +70,9 @@ class Chain {
   int num_layers() const { return static_cast<int>(layer_shapes_.size()) - 1; }
   int num_units() const { return static_cast<int>(units_.size()); }
   const Unit& unit(int u) const { return units_[static_cast<size_t>(u)]; }
+  // Offset of layer i's parameters in the model's flat buffer (i = num_layers() gives the
+  // model's parameter count).
+  int64_t LayerParamOffset(int layer) const { return layer_offsets_[static_cast<size_t>(layer)]; }
   // First unit of layer i (i = num_layers() gives num_units()).
   int FirstUnitOfLayer(int layer) const { return first_unit_[static_cast<size_t>(layer)]; }
 
