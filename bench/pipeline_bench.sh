@@ -7,7 +7,9 @@
 #   bench/pipeline_bench.sh [STAGES...]        (default: 1 2 3 4)
 #
 # Environment: FEDSLICE_BUILD_DIR (build), FEDSLICE_BENCH_SLOWDOWN (4), FEDSLICE_BENCH_IMAGES
-# (2000), FEDSLICE_BENCH_MICRO_BATCH (64), FEDSLICE_BENCH_ACTIVATIONS (fp32).
+# (2000), FEDSLICE_BENCH_REPEAT (4: the images are streamed 4 times, so that filling and
+# draining a 4-stage pipeline, 3 micro-batch times each, is ~2% of the run, not ~10%),
+# FEDSLICE_BENCH_MICRO_BATCH (64), FEDSLICE_BENCH_ACTIVATIONS (fp32).
 #
 # Four clients run on this host with one engine thread each. They are started one after the
 # other, each measuring its layer times while the others are idle, so that the profiles the
@@ -19,6 +21,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build=${FEDSLICE_BUILD_DIR:-$root/build}
 slowdown=${FEDSLICE_BENCH_SLOWDOWN:-4}
 images=${FEDSLICE_BENCH_IMAGES:-2000}
+repeat=${FEDSLICE_BENCH_REPEAT:-4}
 micro=${FEDSLICE_BENCH_MICRO_BATCH:-64}
 activations=${FEDSLICE_BENCH_ACTIVATIONS:-fp32}
 stages_list=("$@")
@@ -74,14 +77,14 @@ for i in $(seq 0 $((clients - 1))); do
   (( n > i )) || { echo "client $i did not report its profile" >&2; tail "$out/logs/client-$i.log" >&2; exit 1; }
 done
 
-echo "cnn, $images images, micro-batch $micro, $activations activations, devices ${slowdown}x slower than this host ($(nproc) cores)"
+echo "cnn, $images images x $repeat, micro-batch $micro, $activations activations, devices ${slowdown}x slower than this host ($(nproc) cores)"
 printf "%-7s %12s %12s %9s %9s %9s %12s %12s\n" stages "images/s" predicted "meas/pred" speed-up "bar" "p50 ms" "pred. ms"
 base=""
 for k in "${stages_list[@]}"; do
   log=$out/logs/infer-$k.log
   "$build/tools/fedslice" infer --coordinator "127.0.0.1:$port" --server-name fedslice-coordinator \
     --ca "$out/certs/ca.pem" --cert "$out/certs/client-$clients.pem" \
-    --key "$out/certs/client-$clients.key" --data "$data" --limit "$images" --stages "$k" \
+    --key "$out/certs/client-$clients.key" --data "$data" --limit "$images" --repeat "$repeat" --stages "$k" \
     --micro-batch "$micro" --activations "$activations" >"$log" 2>&1 ||
     { echo "fedslice infer --stages $k failed:" >&2; tail -20 "$log" >&2; exit 1; }
   read -r measured predicted < <(sed -n 's/^throughput: \([0-9.]*\) images\/s (predicted \([0-9.]*\)).*/\1 \2/p' "$log")

@@ -37,7 +37,8 @@ void BM_CnnStages(benchmark::State& state) {
   for (const auto& t : *times) device.layer_ms_per_sample.push_back(t.forward_ms_per_sample());
   device.layer_ms_per_sample = chain->UnitTimes(device.layer_ms_per_sample);
   std::vector<slicing::Device> devices(static_cast<size_t>(stages), device);
-  for (int i = 0; i < stages; ++i) devices[static_cast<size_t>(i)].name = std::string("d").append(std::to_string(i));
+  for (int i = 0; i < stages; ++i)
+    devices[static_cast<size_t>(i)].name = std::string("d").append(std::to_string(i));
   slicing::PlanOptions options;
   options.micro_batch = batch;
   options.num_stages = stages;
@@ -49,7 +50,8 @@ void BM_CnnStages(benchmark::State& state) {
   std::vector<std::unique_ptr<slicing::StageExecutor>> executors;
   for (const auto& s : plan->stages) {
     auto packed = chain->PackSlice(model->params(), s.begin, s.end);
-    executors.push_back(std::move(*slicing::StageExecutor::Create(*chain, s.begin, s.end, *packed)));
+    executors.push_back(
+        std::move(*slicing::StageExecutor::Create(*chain, s.begin, s.end, *packed)));
   }
   Tensor input({batch, 1, 28, 28});
   std::mt19937_64 rng(1);
@@ -57,12 +59,16 @@ void BM_CnnStages(benchmark::State& state) {
   for (float& x : input.span()) x = u(rng);
 
   std::vector<double> stage_ms(executors.size(), 0.0);
+  // Kept across iterations, as a stage keeps its buffers from batch to batch.
+  Tensor main, carry, out, out_carry;
   for (auto _ : state) {
-    Tensor main = input, carry, out, out_carry;
+    main = input;
+    carry = Tensor();
     for (size_t k = 0; k < executors.size(); ++k) {
       const auto t0 = std::chrono::steady_clock::now();
       (void)executors[k]->Run(main, carry, &out, &out_carry);
-      stage_ms[k] += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      stage_ms[k] +=
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       std::swap(main, out);
       std::swap(carry, out_carry);
     }

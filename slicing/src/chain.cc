@@ -84,26 +84,73 @@ void CopyOutputs(const Tensor& src, int64_t groups, int64_t count, int64_t span,
   }
 }
 
-// The input band a conv2d needs for output rows [r0, r1): in [n, c, h, w] -> band
-// [n] + band_shape ({c, rows, w + 2p}), explicitly zero-padded.
-void MakeBand(const Tensor& in, const proto::Conv2DSpec& conv, int64_t r0, int64_t r1,
-              const std::vector<int64_t>& band_shape, Tensor* band) {
-  (void)r1;
+using RowMajorMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+
+// Output rows [r0, r1) of a conv2d, for every sample of `in` ([n, c, h, w]), written to rows
+// [r0, r1) of `out` ([n, oc, out_rows, ow], allocated by the caller). `weights` is the layer's
+// [oc, c·k·k] followed by its [oc] bias (layers.h layout).
+//
+// Why not the layer's own Forward on the band: that is one product per sample, [oc, ckk] x
+// [ckk, rows·ow], and for a band of one or two rows its ~14-28 columns run the GEMM at a
+// third of its speed (measured: a one-row band of the cnn's conv2 took 2.4x its share of the
+// layer). Here the columns of several samples go into one product of ~kBandColumns columns,
+// so a band costs its share of the layer and the planner's per-unit times hold.
+constexpr int64_t kBandColumns = 384;
+void BandConvForward(const proto::Conv2DSpec& conv, const float* weights, const Tensor& in,
+                     int64_t r0, int64_t r1, Tensor* out, RowMajorMatrix* cols,
+                     RowMajorMatrix* product) {
   const int64_t n = in.batch(), c = in.dim(1), h = in.dim(2), w = in.dim(3);
+  const int64_t k = conv.kernel(), pad = conv.padding();
   const int64_t stride = conv.stride() == 0 ? 1 : conv.stride();
-  const int64_t pad = conv.padding();
-  const int64_t bh = band_shape[1], bw = band_shape[2];
-  band->Resize(WithBatch(n, band_shape));
-  band->SetZero();
-  const int64_t first = r0 * stride - pad;  // input row of band row 0
-  for (int64_t s = 0; s < n; ++s) {
+  const int64_t oc = out->dim(1), out_rows = out->dim(2), ow = out->dim(3);
+  const int64_t ckk = c * k * k;
+  const int64_t rows = r1 - r0, per_sample = rows * ow;
+  const int64_t group = std::clamp<int64_t>(kBandColumns / per_sample, 1, n);
+  Eigen::Map<const RowMajorMatrix> w_map(weights, oc, ckk);
+  const float* bias = weights + oc * ckk;
+  for (int64_t s0 = 0; s0 < n; s0 += group) {
+    const int64_t g = std::min(group, n - s0);
+    const int64_t columns = g * per_sample;
+    cols->resize(ckk, columns);
+    // cols [ckk, g·rows·ow]: row (ch·k + ki)·k + kj, column (sample, output row, output col).
     for (int64_t ch = 0; ch < c; ++ch) {
-      const float* src = in.data() + (s * c + ch) * h * w;
-      float* dst = band->data() + (s * c + ch) * bh * bw;
-      for (int64_t r = 0; r < bh; ++r) {
-        const int64_t ir = first + r;
-        if (ir < 0 || ir >= h) continue;
-        std::copy_n(src + ir * w, w, dst + r * bw + pad);
+      for (int64_t ki = 0; ki < k; ++ki) {
+        for (int64_t kj = 0; kj < k; ++kj) {
+          float* dst = cols->data() + ((ch * k + ki) * k + kj) * columns;
+          const int64_t ow_lo = std::clamp<int64_t>((pad - kj + stride - 1) / stride, 0, ow);
+          const int64_t ow_hi =
+              std::clamp<int64_t>((w + pad - kj + stride - 1) / stride, ow_lo, ow);
+          const int64_t shift = kj - pad;  // input column = ow * stride + shift
+          for (int64_t j = 0; j < g; ++j) {
+            const float* plane = in.data() + ((s0 + j) * c + ch) * h * w;
+            for (int64_t oh = r0; oh < r1; ++oh, dst += ow) {
+              const int64_t ih = oh * stride - pad + ki;
+              if (ih < 0 || ih >= h) {
+                std::fill_n(dst, ow, 0.0f);
+                continue;
+              }
+              const float* row = plane + ih * w;
+              std::fill_n(dst, ow_lo, 0.0f);
+              if (stride == 1) {
+                std::copy(row + ow_lo + shift, row + ow_hi + shift, dst + ow_lo);
+              } else {
+                for (int64_t x = ow_lo; x < ow_hi; ++x) dst[x] = row[x * stride + shift];
+              }
+              std::fill(dst + ow_hi, dst + ow, 0.0f);
+            }
+          }
+        }
+      }
+    }
+    // [oc, g·rows·ow] = [oc, ckk] x [ckk, g·rows·ow]
+    product->resize(oc, columns);
+    product->noalias() = w_map * (*cols);
+    for (int64_t j = 0; j < g; ++j) {
+      for (int64_t o = 0; o < oc; ++o) {
+        const float* src = product->data() + o * columns + j * per_sample;
+        float* dst = out->data() + (((s0 + j) * oc + o) * out_rows + r0) * ow;
+        const float b = bias[o];
+        for (int64_t i = 0; i < per_sample; ++i) dst[i] = src[i] + b;
       }
     }
   }
@@ -151,8 +198,8 @@ Result<Chain> Chain::Create(const proto::ModelSpec& model, const proto::ChainSpe
   int previous = -1;
   for (int s = 0; s < spec.splits_size(); ++s) {
     const auto& split = spec.splits(s);
-    const std::string what = "chain split " + std::to_string(s) + " (layer " +
-                             std::to_string(split.layer_index()) + ")";
+    const std::string what =
+        "chain split " + std::to_string(s) + " (layer " + std::to_string(split.layer_index()) + ")";
     if (split.layer_index() >= static_cast<uint32_t>(n)) {
       return Status::InvalidArgument(what + ": the model has " + std::to_string(n) + " layers");
     }
@@ -219,17 +266,18 @@ std::vector<LayerCost> Chain::UnitCosts(std::span<const LayerCost> layer_costs) 
       const auto& out_shape = layer_shapes_[static_cast<size_t>(unit.layer) + 1];
       const bool conv = out_shape.size() == 3;
       const int64_t outputs = conv ? out_shape[1] : out_shape[0];
-      const double share = static_cast<double>(unit.out_end - unit.out_begin) /
-                           static_cast<double>(outputs);
+      const double share =
+          static_cast<double>(unit.out_end - unit.out_begin) / static_cast<double>(outputs);
       // Bytes of one output row (conv2d: c x w floats) or feature.
       const int64_t plane_bytes = 4 * Product(out_shape) / outputs;
-      c.name = layer.name + "[" + std::to_string(unit.part) + "/" + std::to_string(unit.parts) +
-               "]";
+      c.name =
+          layer.name + "[" + std::to_string(unit.part) + "/" + std::to_string(unit.parts) + "]";
       c.forward_flops = layer.forward_flops * share;
       // A conv2d band needs all of the layer's weights, once per stage holding bands of it;
       // counting a share per band keeps the bytes additive over units (and under-counts a
       // stage's memory by at most the layer's parameters).
-      c.param_bytes = static_cast<int64_t>(std::llround(static_cast<double>(layer.param_bytes) * share));
+      c.param_bytes =
+          static_cast<int64_t>(std::llround(static_cast<double>(layer.param_bytes) * share));
       c.input_bytes = layer.input_bytes + unit.out_begin * plane_bytes;
       c.output_bytes = unit.part + 1 == unit.parts ? layer.output_bytes
                                                    : layer.input_bytes + unit.out_end * plane_bytes;
@@ -246,7 +294,8 @@ std::vector<double> Chain::UnitTimes(std::span<const double> layer_ms) const {
     double t = layer_ms[static_cast<size_t>(unit.layer)];
     if (unit.parts > 1) {
       const auto& out_shape = layer_shapes_[static_cast<size_t>(unit.layer) + 1];
-      const double outputs = static_cast<double>(out_shape.size() == 3 ? out_shape[1] : out_shape[0]);
+      const double outputs =
+          static_cast<double>(out_shape.size() == 3 ? out_shape[1] : out_shape[0]);
       t *= static_cast<double>(unit.out_end - unit.out_begin) / outputs;
     }
     times.push_back(t);
@@ -314,7 +363,8 @@ std::string Chain::Describe(int begin, int end) const {
     const Unit& unit = units_[static_cast<size_t>(u)];
     std::string s = model_.layers(unit.layer).name();
     if (s.empty()) s = "layer" + std::to_string(unit.layer);
-    if (unit.parts > 1) s += "[" + std::to_string(unit.part) + "/" + std::to_string(unit.parts) + "]";
+    if (unit.parts > 1)
+      s += "[" + std::to_string(unit.part) + "/" + std::to_string(unit.parts) + "]";
     return s;
   };
   if (begin < 0 || begin >= end || end > num_units()) return "(empty)";
@@ -341,9 +391,9 @@ proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerC
     if (!Splittable(l)) continue;
     const double share = layer_costs[static_cast<size_t>(i)].forward_flops / total;
     if (share <= 1.0 / (4.0 * max_stages)) continue;
-    const int64_t parts = std::min<int64_t>(
-        {static_cast<int64_t>(std::ceil(4.0 * max_stages * share)),
-         Outputs(l, shapes[static_cast<size_t>(i) + 1]), kMaxLayerParts});
+    const int64_t parts =
+        std::min<int64_t>({static_cast<int64_t>(std::ceil(4.0 * max_stages * share)),
+                           Outputs(l, shapes[static_cast<size_t>(i) + 1]), kMaxLayerParts});
     if (parts < 2) continue;
     auto* split = spec.add_splits();
     split->set_layer_index(static_cast<uint32_t>(i));
@@ -370,12 +420,16 @@ struct StageExecutor::Impl {
   struct Worker {
     std::vector<std::unique_ptr<Layer>> layers;
     std::vector<Tensor> acts;
-    Tensor input, carry, combined, band, out, out_carry;
+    Tensor input, carry, combined, out, out_carry;
+    RowMajorMatrix cols, product;  // conv2d bands (BandConvForward)
   };
   std::vector<UnitParams> params;
   std::vector<proto::LayerSpec> unit_specs;
   std::vector<std::vector<int64_t>> unit_inputs;  // the sample shape each unit's layer takes
   std::vector<Worker> workers;
+  // The message form's decoded input and result, kept from batch to batch: fresh buffers of
+  // a few megabytes each time cost page faults worth a good part of a small slice's compute.
+  Tensor msg_in, msg_carry, msg_out, msg_out_carry;
 };
 
 StageExecutor::StageExecutor(const Chain& chain, int begin, int end)
@@ -383,8 +437,7 @@ StageExecutor::StageExecutor(const Chain& chain, int begin, int end)
 
 StageExecutor::~StageExecutor() = default;
 
-Result<std::unique_ptr<StageExecutor>> StageExecutor::Create(const Chain& chain, int begin,
-                                                             int end,
+Result<std::unique_ptr<StageExecutor>> StageExecutor::Create(const Chain& chain, int begin, int end,
                                                              std::span<const float> packed) {
   if (begin < 0 || begin >= end || end > chain.num_units()) {
     return Status::InvalidArgument("unit range [" + std::to_string(begin) + ", " +
@@ -483,10 +536,20 @@ Result<std::unique_ptr<StageExecutor>> StageExecutor::Create(const Chain& chain,
 }
 
 Status StageExecutor::Run(const Tensor& in, const Tensor& carry, Tensor* out, Tensor* out_carry) {
+  return RunTensors(in, carry, out, out_carry, /*copy_passthrough=*/true);
+}
+
+bool StageExecutor::PassesInputThrough() const {
+  return end_ < chain_.num_units() && chain_.unit(end_).part > 0 &&
+         chain_.unit(end_).layer == chain_.unit(begin_).layer;
+}
+
+Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* out,
+                                 Tensor* out_carry, bool copy_passthrough) {
   const int64_t batch = in.batch();
   if (batch < 1 || batch > kMaxBatch) {
-    return Status::InvalidArgument("batch of " + std::to_string(batch) + " samples; must be in [1, " +
-                                   std::to_string(kMaxBatch) + "]");
+    return Status::InvalidArgument("batch of " + std::to_string(batch) +
+                                   " samples; must be in [1, " + std::to_string(kMaxBatch) + "]");
   }
   if (in.shape() != WithBatch(batch, chain_.MainShape(begin_))) {
     return Status::InvalidArgument("input is " + ShapeString(in.shape()) + ", the slice " +
@@ -510,9 +573,9 @@ Status StageExecutor::Run(const Tensor& in, const Tensor& carry, Tensor* out, Te
         w.layers.emplace_back();
         continue;
       }
-      auto layer = CreateLayer(impl.unit_specs[static_cast<size_t>(u - begin_)],
-                               impl.unit_inputs[static_cast<size_t>(u - begin_)],
-                               chain_.unit(u).layer);
+      auto layer =
+          CreateLayer(impl.unit_specs[static_cast<size_t>(u - begin_)],
+                      impl.unit_inputs[static_cast<size_t>(u - begin_)], chain_.unit(u).layer);
       float* p = impl.params[static_cast<size_t>(u - begin_)].data();
       (*layer)->BindParams(p, p);
       w.layers.push_back(std::move(*layer));
@@ -562,25 +625,35 @@ Status StageExecutor::Run(const Tensor& in, const Tensor& carry, Tensor* out, Te
       }
       const size_t k0 = static_cast<size_t>(u - begin_);
       if (conv) {
-        const auto& spec = chain_.model().layers(unit.layer).conv2d();
-        MakeBand(*cur, spec, unit.out_begin, done, impl.unit_inputs[k0], &w.band);
-        w.layers[k0]->Forward(w.band, &w.acts[k0], false);
+        BandConvForward(chain_.model().layers(unit.layer).conv2d(), impl.params[k0].data(), *cur,
+                        unit.out_begin, done, &w.combined, &w.cols, &w.product);
       } else {
         w.layers[k0]->Forward(*cur, &w.acts[k0], false);
+        CopyOutputs(w.acts[k0], groups, done - unit.out_begin, span, &w.combined, done,
+                    unit.out_begin);
       }
-      CopyOutputs(w.acts[k0], groups, done - unit.out_begin, span, &w.combined, done,
-                  unit.out_begin);
       if (chain_.unit(last).part + 1 < chain_.unit(last).parts) {
-        // The slice ends inside the layer: its input goes on, with the channels done so far.
-        w.out_carry = w.combined;
-        if (cur != &w.out) w.out = *cur;
+        // The slice ends inside the layer: its input goes on, with the rows / features done
+        // so far. (Swapped, not copied: these are megabytes, and this is the stage's
+        // compute time.) An input that passes through untouched is copied only when the
+        // caller needs it (the message form forwards the encoded bytes instead).
+        std::swap(w.out_carry, w.combined);
+        if (cur == &rows_in) {
+          if (copy_passthrough) w.out = rows_in;
+        } else {
+          std::swap(w.out, *const_cast<Tensor*>(cur));
+        }
         return;
       }
-      w.acts[static_cast<size_t>(last - begin_)] = w.combined;
+      std::swap(w.acts[static_cast<size_t>(last - begin_)], w.combined);
       cur = &w.acts[static_cast<size_t>(last - begin_)];
       u = last + 1;
     }
-    w.out = *cur;
+    if (cur == &rows_in) {
+      w.out = rows_in;
+    } else {
+      std::swap(w.out, *const_cast<Tensor*>(cur));
+    }
   };
 
   if (workers <= 1) {
@@ -610,6 +683,19 @@ Status StageExecutor::Run(const Tensor& in, const Tensor& carry, Tensor* out, Te
 Result<proto::ActivationBatch> StageExecutor::Run(const proto::ActivationBatch& batch,
                                                   const codec::CodecSpec& codec,
                                                   ComputeTimes* times) {
+  return RunMessage(batch, nullptr, codec, times);
+}
+
+Result<proto::ActivationBatch> StageExecutor::Run(proto::ActivationBatch&& batch,
+                                                  const codec::CodecSpec& codec,
+                                                  ComputeTimes* times) {
+  return RunMessage(batch, batch.mutable_data(), codec, times);
+}
+
+Result<proto::ActivationBatch> StageExecutor::RunMessage(const proto::ActivationBatch& batch,
+                                                         proto::EncodedTensor* take_data,
+                                                         const codec::CodecSpec& codec,
+                                                         ComputeTimes* times) {
   if (batch.unit() != static_cast<uint32_t>(begin_)) {
     return Status::InvalidArgument("activation batch " + std::to_string(batch.batch_id()) +
                                    " enters at unit " + std::to_string(batch.unit()) +
@@ -621,9 +707,11 @@ Result<proto::ActivationBatch> StageExecutor::Run(const proto::ActivationBatch& 
                                    " samples; must be in [1, " + std::to_string(kMaxBatch) + "]");
   }
   const int64_t n = batch.num_samples();
-  Tensor in, carry;
+  Tensor& in = impl_->msg_in;
+  Tensor& carry = impl_->msg_carry;
   Status s = DecodeActivation(batch.data(), WithBatch(n, chain_.MainShape(begin_)), &in);
-  if (!s.ok()) return s.WithContext("activation batch " + std::to_string(batch.batch_id()) + " data");
+  if (!s.ok())
+    return s.WithContext("activation batch " + std::to_string(batch.batch_id()) + " data");
   const std::vector<int64_t> carry_shape = chain_.CarryShape(begin_);
   if (!carry_shape.empty()) {
     if (!batch.has_carry()) {
@@ -632,16 +720,24 @@ Result<proto::ActivationBatch> StageExecutor::Run(const proto::ActivationBatch& 
                                      " is inside a cut layer and needs one");
     }
     s = DecodeActivation(batch.carry(), WithBatch(n, carry_shape), &carry);
-    if (!s.ok()) return s.WithContext("activation batch " + std::to_string(batch.batch_id()) + " carry");
+    if (!s.ok())
+      return s.WithContext("activation batch " + std::to_string(batch.batch_id()) + " carry");
   } else if (batch.has_carry() && batch.carry().num_values() != 0) {
     return Status::InvalidArgument("activation batch " + std::to_string(batch.batch_id()) +
                                    " carries values into unit " + std::to_string(begin_) +
                                    ", which starts a layer");
   }
-  Tensor out, out_carry;
+  Tensor& out = impl_->msg_out;
+  Tensor& out_carry = impl_->msg_out_carry;
   const auto wall_start = std::chrono::steady_clock::now();
   const double cpu_start = ThreadCpuSeconds();
-  FEDSLICE_RETURN_IF_ERROR(Run(in, carry, &out, &out_carry));
+  // A slice that ends inside the layer it starts in sends that layer's input on as it came:
+  // the received bytes are forwarded rather than encoded again (when the codec is the same).
+  const bool forward_input =
+      PassesInputThrough() &&
+      batch.data().codec() ==
+          (codec.kind == codec::CodecKind::kFp32 ? std::string("fp32") : std::string("int8"));
+  FEDSLICE_RETURN_IF_ERROR(RunTensors(in, carry, &out, &out_carry, !forward_input));
   if (times != nullptr) {
     times->cpu_seconds = ThreadCpuSeconds() - cpu_start;
     times->wall_seconds =
@@ -652,7 +748,13 @@ Result<proto::ActivationBatch> StageExecutor::Run(const proto::ActivationBatch& 
   result.set_batch_id(batch.batch_id());
   result.set_unit(static_cast<uint32_t>(end_));
   result.set_num_samples(batch.num_samples());
-  FEDSLICE_RETURN_IF_ERROR(EncodeActivation(out, codec, result.mutable_data()));
+  if (forward_input && take_data != nullptr) {
+    result.mutable_data()->Swap(take_data);
+  } else if (forward_input) {
+    *result.mutable_data() = batch.data();
+  } else {
+    FEDSLICE_RETURN_IF_ERROR(EncodeActivation(out, codec, result.mutable_data()));
+  }
   if (out_carry.size() > 0) {
     FEDSLICE_RETURN_IF_ERROR(EncodeActivation(out_carry, codec, result.mutable_carry()));
   }

@@ -161,7 +161,8 @@ TEST(WireTest, WrongProtocolMajorIsRefused) {
   proto::ErrorCode code = proto::ERROR_UNSPECIFIED;
   Result<proto::Envelope> got = DecodeFrame(Bytes(Frame(e)), kDefaultMaxFrameBytes, nullptr, &code);
   EXPECT_EQ(got.status().code(), Status::Code::kFailedPrecondition);
-  EXPECT_NE(got.status().message().find("protocol version 2." + std::to_string(kProtocolMinor) + " is not supported"),
+  EXPECT_NE(got.status().message().find("protocol version 2." + std::to_string(kProtocolMinor) +
+                                        " is not supported"),
             std::string::npos);
   EXPECT_EQ(code, proto::ERROR_UNSUPPORTED_VERSION);
 }
@@ -400,6 +401,25 @@ TEST(EncodedTensorTest, NonFiniteValuesAreRejectedBothWays) {
   EXPECT_EQ(r.status().code(), Status::Code::kInvalidArgument);
   EXPECT_NE(r.status().message().find("at index 5"), std::string::npos);
   EXPECT_EQ(FindNonFinite(v), v.size());
+}
+
+// FindNonFinite scans in chunks without an early exit: the first bad index must still be
+// found wherever it falls (chunk edges, the tail) and whatever follows it.
+TEST(EncodedTensorTest, FindNonFiniteReturnsTheFirstBadIndexAcrossChunks) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (size_t size : {size_t{1}, size_t{255}, size_t{256}, size_t{257}, size_t{1000}}) {
+    for (size_t at : {size_t{0}, size_t{254}, size_t{255}, size_t{256}, size_t{511}, size - 1}) {
+      if (at >= size) continue;
+      std::vector<float> v(size, 0.5f);
+      v[at] = (at % 2 == 0) ? nan : -inf;
+      if (at + 3 < size) v[at + 3] = inf;  // a later bad value must not be reported instead
+      EXPECT_EQ(FindNonFinite(v), at) << "size " << size << ", bad at " << at;
+    }
+  }
+  EXPECT_EQ(FindNonFinite(std::span<const float>()), 0u);
+  std::vector<float> fine(700, std::numeric_limits<float>::max());
+  EXPECT_EQ(FindNonFinite(fine), fine.size());
 }
 
 }  // namespace

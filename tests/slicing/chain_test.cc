@@ -78,8 +78,6 @@ Tensor RunPipeline(const Model& model, const Chain& chain, const std::vector<int
   return main;
 }
 
-
-
 TEST(ChainTest, WholeLayersAreOneUnitEach) {
   auto chain = Chain::Create(CnnSpec(), {});
   ASSERT_TRUE(chain.ok()) << chain.status().ToString();
@@ -212,10 +210,9 @@ TEST(StageExecutorTest, CutLayersMatchTheModelClosely) {
   ASSERT_TRUE(model->Forward(input, &expected).ok());
   // Stage boundaries inside conv2 (after parts 1 and 4) and inside fc1.
   const int fc1 = chain->FirstUnitOfLayer(7);
-  for (const std::vector<int>& bounds :
-       {std::vector<int>{0, 5, 8, chain->num_units()},
-        std::vector<int>{0, 4, 6, 9, fc1 + 1, chain->num_units()},
-        std::vector<int>{0, chain->num_units()}}) {
+  for (const std::vector<int>& bounds : {std::vector<int>{0, 5, 8, chain->num_units()},
+                                         std::vector<int>{0, 4, 6, 9, fc1 + 1, chain->num_units()},
+                                         std::vector<int>{0, chain->num_units()}}) {
     const Tensor got = RunPipeline(*model, *chain, bounds, input);
     ASSERT_EQ(got.shape(), expected.shape());
     for (int64_t i = 0; i < got.size(); ++i) {
@@ -248,6 +245,61 @@ TEST(StageExecutorTest, MessagesRoundTripWithFp32AndInt8Activations) {
   // int8 quantises each 256-value block to 1/255 of its range: a small, non-zero error.
   EXPECT_GT(max_approx, 0.0);
   EXPECT_LE(max_approx, 0.05 * scale);
+}
+
+// Executors keep their buffers from batch to batch and hand results over by swapping: a run
+// must not see anything of the previous one (other batch sizes included). A slice that ends
+// inside the layer it starts in forwards the layer's input as it came (the same bytes).
+TEST(StageExecutorTest, RepeatedMessagesOfOtherSizesGiveTheModelsLogits) {
+  const proto::ModelSpec spec = CnnSpec();
+  auto model = Model::Create(spec);
+  ASSERT_TRUE(model.ok());
+  auto chain = Chain::Create(spec, Splits({{3, 7}}));
+  ASSERT_TRUE(chain.ok());
+  const int conv2 = chain->FirstUnitOfLayer(3);
+  // Stage 1 computes conv2[2/7] alone, stage 2 conv2[3..4/7]: they pass conv2's input on.
+  const std::vector<int> bounds = {0, conv2 + 2, conv2 + 3, conv2 + 5, chain->num_units()};
+  std::vector<std::unique_ptr<StageExecutor>> stages;
+  for (size_t s = 0; s + 1 < bounds.size(); ++s) {
+    auto packed = chain->PackSlice(model->params(), bounds[s], bounds[s + 1]);
+    ASSERT_TRUE(packed.ok());
+    auto ex = StageExecutor::Create(*chain, bounds[s], bounds[s + 1], *packed);
+    ASSERT_TRUE(ex.ok()) << ex.status().ToString();
+    stages.push_back(std::move(*ex));
+  }
+  for (const char* codec_name : {"fp32", "int8"}) {
+    auto codec = codec::ParseCodec(codec_name);
+    ASSERT_TRUE(codec.ok());
+    for (int64_t batch_size : {33, 7, 64, 33}) {
+      const Tensor input = RandomInput(*model, batch_size, static_cast<uint64_t>(batch_size));
+      Tensor expected;
+      ASSERT_TRUE(model->Forward(input, &expected).ok());
+      proto::ActivationBatch batch;
+      batch.set_batch_id(static_cast<uint64_t>(batch_size));
+      batch.set_num_samples(static_cast<uint32_t>(batch_size));
+      ASSERT_TRUE(EncodeActivation(input, *codec::ParseCodec("fp32"), batch.mutable_data()).ok());
+      for (size_t s = 0; s < stages.size(); ++s) {
+        const bool last = s + 1 == stages.size();
+        const std::string data_in = batch.data().SerializeAsString();
+        auto next = stages[s]->Run(std::move(batch), last ? *codec::ParseCodec("fp32") : *codec);
+        ASSERT_TRUE(next.ok()) << next.status().ToString();
+        // Stages 1 and 2 end inside conv2, where they start: conv2's input goes on as it came.
+        const bool same_bytes = next->data().SerializeAsString() == data_in;
+        EXPECT_EQ(same_bytes, s == 1 || s == 2) << codec_name << ", stage " << s;
+        EXPECT_EQ(next->batch_id(), static_cast<uint64_t>(batch_size));
+        batch = std::move(*next);
+      }
+      Tensor logits;
+      ASSERT_TRUE(DecodeActivation(batch.data(), expected.shape(), &logits).ok());
+      const double tolerance = std::string(codec_name) == "fp32" ? 1e-5 : 0.05;
+      double scale = 0;
+      for (float x : expected.span()) scale = std::max(scale, double{std::abs(x)});
+      for (int64_t i = 0; i < logits.size(); ++i) {
+        ASSERT_NEAR(logits.data()[i], expected.data()[i], tolerance * std::max(1.0, scale))
+            << codec_name << ", batch of " << batch_size << ", value " << i;
+      }
+    }
+  }
 }
 
 TEST(StageExecutorTest, RejectsBadBatchesAndKeepsWorking) {
@@ -321,7 +373,8 @@ TEST(EndpointTest, ParsesHostPortAndRejectsTheRest) {
   ASSERT_TRUE(v6.ok());
   EXPECT_EQ(v6->host, "::1");
   EXPECT_EQ(v6->ToString(), "[::1]:9");
-  for (const char* bad : {"", "host", ":80", "host:0", "host:65536", "host:8x", "::1:80", "[::1:80"}) {
+  for (const char* bad :
+       {"", "host", ":80", "host:0", "host:65536", "host:8x", "::1:80", "[::1:80"}) {
     EXPECT_FALSE(ParseEndpoint(bad).ok()) << bad;
   }
 }

@@ -1,5 +1,6 @@
 #include "fedslice/common/net/encoded_tensor.h"
 
+#include <algorithm>
 #include <bit>
 #include <cstring>
 #include <exception>
@@ -23,13 +24,27 @@ static_assert(sizeof(float) == 4 && std::numeric_limits<float>::is_iec559,
 }  // namespace
 
 size_t FindNonFinite(std::span<const float> values) {
-  // Exponent bits all ones = Inf or NaN. Testing the bits keeps the loop branch-light and
-  // correct even if a build enables -ffinite-math-only.
-  for (size_t i = 0; i < values.size(); ++i) {
-    const uint32_t bits = std::bit_cast<uint32_t>(values[i]);
-    if ((bits & 0x7f800000u) == 0x7f800000u) return i;
+  // Exponent bits all ones = Inf or NaN. Testing the bits keeps the test correct even if a
+  // build enables -ffinite-math-only. Chunks are tested without an early exit, so that the
+  // compiler vectorises the loop (activations of megabytes cross every pipeline hop: the
+  // scalar loop with a branch per value was ~6% of a hop), and only a flagged chunk is
+  // searched for the first bad index.
+  constexpr size_t kChunk = 256;
+  const size_t n = values.size();
+  for (size_t begin = 0; begin < n; begin += kChunk) {
+    const size_t end = std::min(n, begin + kChunk);
+    uint32_t flagged = 0;
+    for (size_t i = begin; i < end; ++i) {
+      const uint32_t bits = std::bit_cast<uint32_t>(values[i]);
+      flagged |= static_cast<uint32_t>((bits & 0x7f800000u) == 0x7f800000u);
+    }
+    if (flagged != 0) {
+      for (size_t i = begin; i < end; ++i) {
+        if ((std::bit_cast<uint32_t>(values[i]) & 0x7f800000u) == 0x7f800000u) return i;
+      }
+    }
   }
-  return values.size();
+  return n;
 }
 
 Status ValidateEncodedTensor(const proto::EncodedTensor& tensor, uint64_t max_values) {
@@ -83,14 +98,19 @@ Status EncodeFp32(std::span<const float> values, proto::EncodedTensor* out) {
   out->set_codec(std::string(kCodecFp32));
   out->set_num_values(values.size());
   std::string* payload = out->mutable_payload();
-  try {
-    payload->resize(values.size() * sizeof(float));
-  } catch (const std::exception& e) {
-    return Status::ResourceExhausted(std::string("allocating an fp32 payload: ") + e.what());
-  }
   if constexpr (std::endian::native == std::endian::little) {
-    if (!values.empty()) std::memcpy(payload->data(), values.data(), payload->size());
+    // assign, not resize + memcpy: one pass over the megabytes instead of two (resize zeroes).
+    try {
+      payload->assign(reinterpret_cast<const char*>(values.data()), values.size_bytes());
+    } catch (const std::exception& e) {
+      return Status::ResourceExhausted(std::string("allocating an fp32 payload: ") + e.what());
+    }
   } else {
+    try {
+      payload->resize(values.size() * sizeof(float));
+    } catch (const std::exception& e) {
+      return Status::ResourceExhausted(std::string("allocating an fp32 payload: ") + e.what());
+    }
     for (size_t i = 0; i < values.size(); ++i) {
       const uint32_t le = ByteSwap(std::bit_cast<uint32_t>(values[i]));
       std::memcpy(payload->data() + 4 * i, &le, 4);

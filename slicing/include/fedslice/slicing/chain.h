@@ -46,9 +46,9 @@
 namespace fedslice::slicing {
 
 struct Unit {
-  int layer = 0;   // model layer index
-  int part = 0;    // 0 .. parts-1
-  int parts = 1;   // 1: the whole layer
+  int layer = 0;  // model layer index
+  int part = 0;   // 0 .. parts-1
+  int parts = 1;  // 1: the whole layer
   // Output rows (conv2d) or features (dense) this unit computes; a whole layer of another
   // kind has [0, 0).
   int64_t out_begin = 0;
@@ -103,11 +103,11 @@ class Chain {
   proto::ModelSpec model_;
   proto::ChainSpec spec_;
   std::vector<Unit> units_;
-  std::vector<int> first_unit_;                      // per layer, plus num_units()
-  std::vector<std::vector<int64_t>> layer_shapes_;   // input shape of each layer, plus output
-  std::vector<std::vector<int64_t>> unit_main_;      // MainShape per boundary
-  std::vector<int64_t> layer_offsets_;               // into the model's flat buffer
-  std::vector<int64_t> layer_params_;                // per layer
+  std::vector<int> first_unit_;                     // per layer, plus num_units()
+  std::vector<std::vector<int64_t>> layer_shapes_;  // input shape of each layer, plus output
+  std::vector<std::vector<int64_t>> unit_main_;     // MainShape per boundary
+  std::vector<int64_t> layer_offsets_;              // into the model's flat buffer
+  std::vector<int64_t> layer_params_;               // per layer
 };
 
 // Which layers to cut for a pipeline of up to `max_stages` stages: a conv2d or dense layer
@@ -159,13 +159,25 @@ class StageExecutor {
     double cpu_seconds = 0;
   };
   Result<proto::ActivationBatch> Run(const proto::ActivationBatch& batch,
-                                     const codec::CodecSpec& codec,
+                                     const codec::CodecSpec& codec, ComputeTimes* times = nullptr);
+  // The same, but a slice that ends inside the layer it starts in may take batch.data (sent
+  // on as it came) instead of copying it; the rest of `batch` is left as it was.
+  Result<proto::ActivationBatch> Run(proto::ActivationBatch&& batch, const codec::CodecSpec& codec,
                                      ComputeTimes* times = nullptr);
 
   static constexpr int64_t kMaxBatch = 4096;
 
  private:
   struct Impl;
+  // True when the slice ends inside the layer it starts in: its output's main part is its
+  // input, unchanged.
+  bool PassesInputThrough() const;
+  // Run, but the passed-through input is copied to `out` only when `copy_passthrough`.
+  Status RunTensors(const Tensor& in, const Tensor& carry, Tensor* out, Tensor* out_carry,
+                    bool copy_passthrough);
+  Result<proto::ActivationBatch> RunMessage(const proto::ActivationBatch& batch,
+                                            proto::EncodedTensor* take_data,
+                                            const codec::CodecSpec& codec, ComputeTimes* times);
   StageExecutor(const Chain& chain, int begin, int end);
   Chain chain_;
   int begin_ = 0;
