@@ -22,6 +22,7 @@ build=${FEDSLICE_BUILD_DIR:-$root/build}
 slowdown=${FEDSLICE_BENCH_SLOWDOWN:-4}
 images=${FEDSLICE_BENCH_IMAGES:-2000}
 repeat=${FEDSLICE_BENCH_REPEAT:-4}
+in_flight=${FEDSLICE_BENCH_IN_FLIGHT:-2}
 micro=${FEDSLICE_BENCH_MICRO_BATCH:-64}
 activations=${FEDSLICE_BENCH_ACTIVATIONS:-fp32}
 stages_list=("$@")
@@ -85,7 +86,7 @@ for k in "${stages_list[@]}"; do
   "$build/tools/fedslice" infer --coordinator "127.0.0.1:$port" --server-name fedslice-coordinator \
     --ca "$out/certs/ca.pem" --cert "$out/certs/client-$clients.pem" \
     --key "$out/certs/client-$clients.key" --data "$data" --limit "$images" --repeat "$repeat" --stages "$k" \
-    --micro-batch "$micro" --activations "$activations" >"$log" 2>&1 ||
+    --micro-batch "$micro" --activations "$activations" --in-flight "$in_flight" >"$log" 2>&1 ||
     { echo "fedslice infer --stages $k failed:" >&2; tail -20 "$log" >&2; exit 1; }
   read -r measured predicted < <(sed -n 's/^throughput: \([0-9.]*\) images\/s (predicted \([0-9.]*\)).*/\1 \2/p' "$log")
   read -r p50 pred_latency < <(sed -n 's/^latency per micro-batch: p50 \([0-9.]*\) ms.*(predicted \([0-9.]*\) ms).*/\1 \2/p' "$log")

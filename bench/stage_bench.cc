@@ -34,8 +34,12 @@ void BM_CnnStages(benchmark::State& state) {
   timing.batch = batch;
   auto times = slicing::MeasureLayerTimes(*model, timing);
   slicing::Device device;
-  for (const auto& t : *times) device.layer_ms_per_sample.push_back(t.forward_ms_per_sample());
+  for (const auto& t : *times) {
+    device.layer_ms_per_sample.push_back(t.forward_ms_per_sample());
+    device.entry_ms_per_sample.push_back(t.join_ms_per_sample());
+  }
   device.layer_ms_per_sample = chain->UnitTimes(device.layer_ms_per_sample);
+  device.entry_ms_per_sample = chain->UnitEntryTimes(device.entry_ms_per_sample);
   std::vector<slicing::Device> devices(static_cast<size_t>(stages), device);
   for (int i = 0; i < stages; ++i)
     devices[static_cast<size_t>(i)].name = std::string("d").append(std::to_string(i));

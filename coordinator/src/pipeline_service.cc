@@ -146,14 +146,13 @@ Result<PipelineService::Pipeline> PipelineService::Prepare(
         std::to_string(unusable) + " with an unusable device profile");
   }
   if (request.num_stages() > devices.size()) {
-    return Status::ResourceExhausted(
-        "asked for " + std::to_string(request.num_stages()) + " stages but only " +
-        std::to_string(devices.size()) + " client(s) can host one (" + JoinNames(ids) + ")");
+    return Status::ResourceExhausted("asked for " + std::to_string(request.num_stages()) +
+                                     " stages but only " + std::to_string(devices.size()) +
+                                     " client(s) can host one (" + JoinNames(ids) + ")");
   }
 
-  const int max_stages =
-      request.num_stages() > 0 ? static_cast<int>(request.num_stages())
-                               : static_cast<int>(devices.size());
+  const int max_stages = request.num_stages() > 0 ? static_cast<int>(request.num_stages())
+                                                  : static_cast<int>(devices.size());
   const proto::ChainSpec chain_spec = request.split_layers()
                                           ? slicing::AutoSplit(model.spec(), costs, max_stages)
                                           : proto::ChainSpec();
@@ -162,6 +161,7 @@ Result<PipelineService::Pipeline> PipelineService::Prepare(
   const std::vector<slicing::LayerCost> unit_costs = chain->UnitCosts(costs);
   for (slicing::Device& device : devices) {
     device.layer_ms_per_sample = chain->UnitTimes(device.layer_ms_per_sample);
+    device.entry_ms_per_sample = chain->UnitEntryTimes(device.layer_join_ms_per_sample);
   }
   slicing::PlanOptions plan_options;
   plan_options.micro_batch = static_cast<int>(request.micro_batch());
@@ -209,9 +209,8 @@ Result<PipelineService::Pipeline> PipelineService::Prepare(
   }
   for (size_t s = 0; s < k; ++s) {
     const Stage& stage = pipeline.stages[s];
-    FEDSLICE_ASSIGN_OR_RETURN(
-        std::vector<float> packed,
-        chain->PackSlice(model.params(), stage.unit_begin, stage.unit_end));
+    FEDSLICE_ASSIGN_OR_RETURN(std::vector<float> packed,
+                              chain->PackSlice(model.params(), stage.unit_begin, stage.unit_end));
     proto::Envelope envelope;
     proto::SliceAssign* assign = envelope.mutable_slice_assign();
     assign->set_stage_index(static_cast<uint32_t>(s));
@@ -236,9 +235,8 @@ Result<PipelineService::Pipeline> PipelineService::Prepare(
 }
 
 void PipelineService::Assign(const net::SessionPtr& requester, uint64_t request_seq,
-                             const proto::PipelineRequest& request,
-                             std::set<std::string> excluded, int attempt,
-                             const std::string& previous_failure) {
+                             const proto::PipelineRequest& request, std::set<std::string> excluded,
+                             int attempt, const std::string& previous_failure) {
   const std::string& who = requester->peer_identity();
   std::vector<proto::Envelope> assigns;
   auto prepared = Prepare(request, excluded, &assigns);
@@ -263,8 +261,8 @@ void PipelineService::Assign(const net::SessionPtr& requester, uint64_t request_
                    std::to_string(stage.unit_begin) + "," + std::to_string(stage.unit_end) + ")";
   }
   spdlog::info("pipeline {} for {} (request {}{}): assigning {} stage(s): {}", id, who,
-               request.request_token(), attempt > 0 ? ", re-planned" : "",
-               pipeline.stages.size(), stages_text);
+               request.request_token(), attempt > 0 ? ", re-planned" : "", pipeline.stages.size(),
+               stages_text);
 
   for (const Stage& stage : pipeline.stages) host_of_[stage.client_id] = id;
   auto& stored = pipelines_.emplace(id, std::move(pipeline)).first->second;
@@ -277,8 +275,8 @@ void PipelineService::Assign(const net::SessionPtr& requester, uint64_t request_
     assign->set_requester_identity(who);
     const std::string& client_id = stored.stages[s].client_id;
     net::SessionPtr session = SessionOf(client_id);
-    Status sent = session ? session->Send(std::move(assigns[s]))
-                          : Status::Unavailable("not registered");
+    Status sent =
+        session ? session->Send(std::move(assigns[s])) : Status::Unavailable("not registered");
     if (!sent.ok()) {
       unreachable.push_back(client_id);
       why += (why.empty() ? "" : "; ") + client_id + ": " + sent.message();
@@ -348,11 +346,12 @@ void PipelineService::Release(uint64_t pipeline_id, const std::string& reason) {
 
 void PipelineService::Activate(Pipeline& pipeline) {
   pipeline.active = true;
-  spdlog::info("pipeline {} ready for {}: {} stage(s), predicted {:.1f} samples/s, latency "
-               "{:.2f} ms, model of round {}\n{}",
-               pipeline.id, pipeline.requester->peer_identity(), pipeline.stages.size(),
-               pipeline.plan.predicted_samples_per_s(), pipeline.plan.predicted_latency_ms(),
-               pipeline.plan.global_round(), pipeline.plan.plan_table());
+  spdlog::info(
+      "pipeline {} ready for {}: {} stage(s), predicted {:.1f} samples/s, latency "
+      "{:.2f} ms, model of round {}\n{}",
+      pipeline.id, pipeline.requester->peer_identity(), pipeline.stages.size(),
+      pipeline.plan.predicted_samples_per_s(), pipeline.plan.predicted_latency_ms(),
+      pipeline.plan.global_round(), pipeline.plan.plan_table());
   proto::Envelope envelope;
   *envelope.mutable_pipeline_plan() = pipeline.plan;
   if (Status sent = pipeline.requester->Send(std::move(envelope)); !sent.ok()) {
@@ -418,9 +417,9 @@ void PipelineService::HandleClientError(const std::string& client_id, const prot
   if (id == 0) return;
   Pipeline& pipeline = pipelines_.at(id);
   if (pipeline.active) return;  // not about the assignment; logged by the caller
-  FailAssignment(id, {client_id},
-                 client_id + " answered with " + proto::ErrorCode_Name(error.code()) + ": " +
-                     error.message());
+  FailAssignment(
+      id, {client_id},
+      client_id + " answered with " + proto::ErrorCode_Name(error.code()) + ": " + error.message());
 }
 
 void PipelineService::OnClientGone(const std::string& client_id, const Status& reason) {
@@ -452,8 +451,8 @@ void PipelineService::HandlePipelineClose(const net::SessionPtr& requester,
   auto it = pipelines_.find(close.pipeline_id());
   if (it == pipelines_.end()) {
     // Already released (e.g. the coordinator saw the failure first and sent PipelineFailed).
-    spdlog::debug("{}: PipelineClose for pipeline {}, which is not open", requester->peer_identity(),
-                  close.pipeline_id());
+    spdlog::debug("{}: PipelineClose for pipeline {}, which is not open",
+                  requester->peer_identity(), close.pipeline_id());
     return;
   }
   if (it->second.requester != requester) {

@@ -303,6 +303,20 @@ std::vector<double> Chain::UnitTimes(std::span<const double> layer_ms) const {
   return times;
 }
 
+std::vector<double> Chain::UnitEntryTimes(std::span<const double> layer_join_ms) const {
+  std::vector<double> times(units_.size(), 0.0);
+  if (layer_join_ms.empty()) return times;
+  for (size_t u = 0; u < units_.size(); ++u) {
+    const Unit& unit = units_[u];
+    if (unit.parts <= 1 || unit.part == 0) continue;
+    const auto& out_shape = layer_shapes_[static_cast<size_t>(unit.layer) + 1];
+    const double outputs = static_cast<double>(out_shape.size() == 3 ? out_shape[1] : out_shape[0]);
+    times[u] = layer_join_ms[static_cast<size_t>(unit.layer)] *
+               static_cast<double>(unit.out_begin) / outputs;
+  }
+  return times;
+}
+
 int64_t Chain::SliceParamCount(int begin, int end) const {
   int64_t count = 0;
   for (int u = begin; u < end; ++u) {
@@ -392,7 +406,7 @@ proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerC
     const double share = layer_costs[static_cast<size_t>(i)].forward_flops / total;
     if (share <= 1.0 / (4.0 * max_stages)) continue;
     const int64_t parts =
-        std::min<int64_t>({static_cast<int64_t>(std::ceil(4.0 * max_stages * share)),
+        std::min<int64_t>({static_cast<int64_t>(std::ceil(8.0 * max_stages * share)),
                            Outputs(l, shapes[static_cast<size_t>(i) + 1]), kMaxLayerParts});
     if (parts < 2) continue;
     auto* split = spec.add_splits();

@@ -96,7 +96,30 @@ Result<std::vector<proto::LayerTiming>> MeasureLayerTimes(const Model& model,
   std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
   for (float& x : acts[0].span()) x = uniform(rng);
 
-  std::vector<std::vector<double>> runs(static_cast<size_t>(n));
+  // Layers a pipeline may cut: a stage beginning inside one copies the rows / features
+  // carried in next to its own (chain.h). Timed here as the copy of the whole output in the
+  // pieces a stage copies: per sample and channel, the rows of a conv2d output; per sample,
+  // the features of a dense one.
+  std::vector<bool> cuttable(static_cast<size_t>(n), false);
+  for (int i = 0; i < n; ++i) {
+    const auto& spec = model.spec().layers(i);
+    cuttable[static_cast<size_t>(i)] = spec.has_conv2d() || spec.has_dense();
+  }
+  Tensor joined;
+  auto join = [&](const Tensor& out) {
+    joined.Resize(out.shape());
+    const int64_t samples = out.batch();
+    const int64_t groups = out.shape().size() == 4 ? out.dim(1) : 1;
+    const int64_t piece = out.sample_size() / groups;
+    for (int64_t s = 0; s < samples; ++s) {
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t at = (s * groups + g) * piece;
+        std::copy_n(out.data() + at, piece, joined.data() + at);
+      }
+    }
+  };
+
+  std::vector<std::vector<double>> runs(static_cast<size_t>(n)), joins(static_cast<size_t>(n));
   // Run 0 is the warm-up (allocations, page faults), not timed.
   for (int run = 0; run <= options.max_runs; ++run) {
     if (run > 1 && Clock::now() - start >= options.budget) break;
@@ -104,8 +127,13 @@ Result<std::vector<proto::LayerTiming>> MeasureLayerTimes(const Model& model,
       const auto k = static_cast<size_t>(i);
       const auto t0 = Clock::now();
       layers[k]->Forward(acts[k], &acts[k + 1], false);
-      if (run > 0) {
-        runs[k].push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      const auto t1 = Clock::now();
+      if (run > 0) runs[k].push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
+      if (cuttable[k]) {
+        join(acts[k + 1]);
+        if (run > 0) {
+          joins[k].push_back(std::chrono::duration<double, std::milli>(Clock::now() - t1).count());
+        }
       }
     }
   }
@@ -113,16 +141,19 @@ Result<std::vector<proto::LayerTiming>> MeasureLayerTimes(const Model& model,
   std::vector<proto::LayerTiming> timings;
   timings.reserve(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) {
-    std::vector<double>& r = runs[static_cast<size_t>(i)];
-    std::nth_element(r.begin(), r.begin() + static_cast<std::ptrdiff_t>(r.size() / 2), r.end());
+    const std::vector<double>& r = runs[static_cast<size_t>(i)];
     // A clock tick can read 0 for a tiny layer; 1 ns keeps the time positive (the planner
     // and the profile validation reject non-positive times).
-    const double ms = std::max(r[r.size() / 2], 1e-6);
+    const double ms = std::max(*std::min_element(r.begin(), r.end()), 1e-6);
     proto::LayerTiming t;
     t.set_layer_index(static_cast<uint32_t>(i));
     t.set_layer_name(model.spec().layers(i).name());
     t.set_forward_ms_per_sample(ms / options.batch);
     t.set_backward_ms_per_sample(0.0);
+    if (const std::vector<double>& j = joins[static_cast<size_t>(i)]; !j.empty()) {
+      t.set_join_ms_per_sample(std::max(*std::min_element(j.begin(), j.end()), 1e-6) /
+                               options.batch);
+    }
     timings.push_back(std::move(t));
   }
   return timings;

@@ -33,7 +33,8 @@ Result<Endpoint> ParseEndpoint(std::string_view text) {
   if (ep.host.empty()) return bad("has no host");
   if (ep.host.size() > 253) return bad("has a host longer than 253 characters");
   unsigned port = 0;
-  const auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  const auto [end, ec] =
+      std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
   if (ec != std::errc() || end != port_text.data() + port_text.size() || port < 1 || port > 65535) {
     return bad("has a port outside 1..65535");
   }

@@ -54,6 +54,17 @@ Status ValidateInputs(std::span<const LayerCost> costs, std::span<const Device> 
                                        " must be finite and >= 0");
       }
     }
+    if (!d.entry_ms_per_sample.empty() && d.entry_ms_per_sample.size() != costs.size()) {
+      return Status::InvalidArgument(label + " has entry times for " +
+                                     std::to_string(d.entry_ms_per_sample.size()) +
+                                     " layers, the model has " + std::to_string(costs.size()));
+    }
+    for (size_t i = 0; i < d.entry_ms_per_sample.size(); ++i) {
+      if (!FiniteNonNegative(d.entry_ms_per_sample[i])) {
+        return Status::InvalidArgument(label + ": entry time of layer " + std::to_string(i) +
+                                       " must be finite and >= 0");
+      }
+    }
     if (!std::isfinite(d.link_bandwidth_bytes_per_s) || d.link_bandwidth_bytes_per_s <= 0) {
       return Status::InvalidArgument(label + ": link bandwidth must be finite and > 0");
     }
@@ -242,6 +253,7 @@ Result<Device> DeviceFromProfile(const proto::DeviceProfile& profile,
   const size_t n = costs.size();
   d.layer_ms_per_sample.assign(n, 0.0);
   if (profile.layer_timings_size() > 0) {
+    d.layer_join_ms_per_sample.assign(n, 0.0);
     if (static_cast<size_t>(profile.layer_timings_size()) != n) {
       return Status::InvalidArgument(label + " reports timings of " +
                                      std::to_string(profile.layer_timings_size()) +
@@ -263,8 +275,13 @@ Result<Device> DeviceFromProfile(const proto::DeviceProfile& profile,
         return Status::InvalidArgument(label + ": forward time of layer " + std::to_string(i) +
                                        " must be finite and >= 0");
       }
+      if (!FiniteNonNegative(t.join_ms_per_sample())) {
+        return Status::InvalidArgument(label + ": join time of layer " + std::to_string(i) +
+                                       " must be finite and >= 0");
+      }
       seen[i] = true;
       d.layer_ms_per_sample[i] = t.forward_ms_per_sample() * slowdown;
+      d.layer_join_ms_per_sample[i] = t.join_ms_per_sample() * slowdown;
     }
   } else {
     if (!std::isfinite(profile.flops()) || profile.flops() <= 0) {
@@ -301,14 +318,17 @@ StageEstimate EstimateStage(std::span<const LayerCost> costs, const Device& devi
   }
   const int64_t in_bytes = costs[static_cast<size_t>(begin)].input_bytes;
   const int64_t out_bytes = costs[static_cast<size_t>(end - 1)].output_bytes;
+  if (!device.entry_ms_per_sample.empty()) {
+    ms_per_sample += device.entry_ms_per_sample[static_cast<size_t>(begin)];
+  }
   s.compute_ms = device.overhead_ms + static_cast<double>(m) * ms_per_sample;
   s.bytes_sent = m * out_bytes;
   s.transfer_ms = device.link_latency_ms +
                   1000.0 * static_cast<double>(s.bytes_sent) / device.link_bandwidth_bytes_per_s;
   s.stage_ms = std::max(s.compute_ms, s.transfer_ms);
-  s.memory_bytes = static_cast<uint64_t>(
-      params + int64_t{device.num_threads} * scratch +
-      m * (outputs + int64_t{options.in_flight} * (in_bytes + out_bytes)));
+  s.memory_bytes =
+      static_cast<uint64_t>(params + int64_t{device.num_threads} * scratch +
+                            m * (outputs + int64_t{options.in_flight} * (in_bytes + out_bytes)));
   s.fits = device.memory_budget_bytes == 0 || s.memory_bytes <= device.memory_budget_bytes;
   return s;
 }

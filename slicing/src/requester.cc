@@ -58,8 +58,9 @@ void ReadLoop(net::Channel* channel, Event::Source source, uint64_t generation,
 }
 
 Status CoordinatorRefusal(const proto::Error& error) {
-  const std::string message = "the coordinator refused the pipeline request: " +
-                              proto::ErrorCode_Name(error.code()) + ": " + error.message();
+  const std::string message =
+      "the coordinator refused the pipeline request: " + proto::ErrorCode_Name(error.code()) +
+      ": " + error.message();
   switch (error.code()) {
     case proto::ERROR_INVALID_MESSAGE:
       return Status::InvalidArgument(message);
@@ -147,9 +148,7 @@ struct RunState {
   Clock::time_point last_result;
   codec::CodecSpec fp32;
 
-  int64_t BatchSize(int64_t id) const {
-    return std::min(micro_batch, n - id * micro_batch);
-  }
+  int64_t BatchSize(int64_t id) const { return std::min(micro_batch, n - id * micro_batch); }
 };
 
 // Why a pipeline attempt ended without answering everything.
@@ -260,8 +259,7 @@ Result<InferenceReport> InferenceRequester::Run(const Tensor& images,
     close.mutable_pipeline_close()->set_failed(failed);
     close.mutable_pipeline_close()->set_reason(reason.substr(0, 1000));
     if (Status sent = coordinator_->Send(std::move(close)); !sent.ok()) {
-      spdlog::warn("cannot close pipeline {} at the coordinator: {}", pipeline_id,
-                   sent.ToString());
+      spdlog::warn("cannot close pipeline {} at the coordinator: {}", pipeline_id, sent.ToString());
     }
   };
 
@@ -301,12 +299,11 @@ Result<InferenceReport> InferenceRequester::Run(const Tensor& images,
       }
       if (m.has_error()) return CoordinatorRefusal(m.error());
       if (m.has_bye()) {
-        return Status::Unavailable("the coordinator closed the connection: " +
-                                   proto::ByeReason_Name(m.bye().reason()) + " " +
-                                   m.bye().message());
+        return Status::Unavailable(
+            "the coordinator closed the connection: " + proto::ByeReason_Name(m.bye().reason()) +
+            " " + m.bye().message());
       }
-      spdlog::debug("skipping {} from the coordinator while waiting for a plan",
-                    net::BodyName(m));
+      spdlog::debug("skipping {} from the coordinator while waiting for a plan", net::BodyName(m));
     }
   };
 
@@ -427,14 +424,14 @@ Result<InferenceReport> InferenceRequester::Run(const Tensor& images,
         }
         const proto::Envelope& m = *event->message;
         if (m.has_pipeline_failed() && m.pipeline_failed().pipeline_id() == pipeline_id) {
-          return std::optional<Failure>(Failure{"the coordinator reports: " +
-                                                    m.pipeline_failed().reason(),
-                                                m.pipeline_failed().failed_client(), true});
+          return std::optional<Failure>(
+              Failure{"the coordinator reports: " + m.pipeline_failed().reason(),
+                      m.pipeline_failed().failed_client(), true});
         }
         if (m.has_bye()) {
-          return Status::Unavailable("the coordinator closed the connection: " +
-                                     proto::ByeReason_Name(m.bye().reason()) + " " +
-                                     m.bye().message());
+          return Status::Unavailable(
+              "the coordinator closed the connection: " + proto::ByeReason_Name(m.bye().reason()) +
+              " " + m.bye().message());
         }
         if (m.has_error()) {
           spdlog::warn("coordinator reports {}: {}", proto::ErrorCode_Name(m.error().code()),
@@ -445,8 +442,8 @@ Result<InferenceReport> InferenceRequester::Run(const Tensor& images,
       if (event->generation != stream->generation) continue;  // an earlier pipeline's stage
       const bool from_sink = event->source == Event::Source::kSink;
       const std::string& client = from_sink ? last_client : first_client;
-      const std::string which = from_sink ? "the last stage (" + last_client + ")"
-                                          : "stage 0 (" + first_client + ")";
+      const std::string which =
+          from_sink ? "the last stage (" + last_client + ")" : "stage 0 (" + first_client + ")";
       if (!event->message.ok()) {
         stage_failed("connection to " + which + " lost: " + event->message.status().ToString(),
                      client);
@@ -551,8 +548,8 @@ Result<InferenceReport> InferenceRequester::Run(const Tensor& images,
       if (!failed->coordinator_said) send_close(plan.pipeline_id(), true, failed->reason);
       break;
     }
-    spdlog::warn("pipeline {} given up ({} of {} micro-batches answered): {}",
-                 plan.pipeline_id(), state.answered_batches, state.num_batches, failed->reason);
+    spdlog::warn("pipeline {} given up ({} of {} micro-batches answered): {}", plan.pipeline_id(),
+                 state.answered_batches, state.num_batches, failed->reason);
     report.failures.push_back("pipeline " + std::to_string(plan.pipeline_id()) + ": " +
                               failed->reason);
     report.batches_replayed += static_cast<int64_t>(outstanding.size());
@@ -565,8 +562,8 @@ Result<InferenceReport> InferenceRequester::Run(const Tensor& images,
       return Status::Aborted(std::to_string(report.failures.size()) +
                              " pipelines failed (at most " + std::to_string(options.max_replans) +
                              " re-plans allowed), " + std::to_string(report.answered) + " of " +
-                             std::to_string(state.n) + " images answered: " +
-                             Join(report.failures, "; "));
+                             std::to_string(state.n) +
+                             " images answered: " + Join(report.failures, "; "));
     }
   }
 

@@ -235,6 +235,23 @@ TEST(WireTest, FieldValidationCatchesBadValues) {
   h.mutable_hello()->set_client_id("client-0");
   h.mutable_hello()->mutable_profile()->set_flops(-1);
   expect_invalid(h, "flops");
+  h.mutable_hello()->mutable_profile()->set_flops(1e9);
+  auto* timing = h.mutable_hello()->mutable_profile()->add_layer_timings();
+  timing->set_forward_ms_per_sample(0.1);
+  timing->set_join_ms_per_sample(std::numeric_limits<double>::quiet_NaN());
+  expect_invalid(h, "join_ms_per_sample");
+  timing->set_join_ms_per_sample(-0.5);
+  expect_invalid(h, "join_ms_per_sample");
+  timing->set_join_ms_per_sample(0.01);
+  EXPECT_TRUE(ValidateEnvelope(h).ok());
+  proto::Envelope update = Stamped(proto::Envelope());
+  *update.mutable_profile_update()->mutable_profile() = h.hello().profile();
+  EXPECT_TRUE(ValidateEnvelope(update).ok());
+  update.mutable_profile_update()
+      ->mutable_profile()
+      ->mutable_layer_timings(0)
+      ->set_join_ms_per_sample(std::numeric_limits<double>::infinity());
+  expect_invalid(update, "profile_update.join_ms_per_sample");
 
   proto::Envelope ev = Stamped(proto::Envelope());
   ev.mutable_evaluate_result()->set_num_samples(10);

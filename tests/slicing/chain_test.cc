@@ -135,6 +135,26 @@ TEST(ChainTest, UnitCostsAddUpToTheLayers) {
   EXPECT_DOUBLE_EQ(unit_ms[3] + unit_ms[4] + unit_ms[5] + unit_ms[6] + unit_ms[7], 2.0);
 }
 
+// A stage beginning at part j > 0 joins the outputs of parts 0..j-1: the carried share of
+// the layer's join time; whole layers and first parts cost nothing to enter.
+TEST(ChainTest, UnitEntryTimesAreTheCarriedShareOfTheJoin) {
+  auto chain = Chain::Create(CnnSpec(), Splits({{3, 7}, {7, 4}}));
+  ASSERT_TRUE(chain.ok());
+  std::vector<double> join(static_cast<size_t>(chain->num_layers()), 0.0);
+  join[3] = 1.4;  // conv2: 14 output rows, 2 per part
+  join[7] = 2.0;  // fc1: 512 features, 128 per part
+  const std::vector<double> entry = chain->UnitEntryTimes(join);
+  ASSERT_EQ(entry.size(), static_cast<size_t>(chain->num_units()));
+  const int conv2 = chain->FirstUnitOfLayer(3), fc1 = chain->FirstUnitOfLayer(7);
+  for (int u = 0; u < chain->num_units(); ++u) {
+    double expected = 0;
+    if (u > conv2 && u < conv2 + 7) expected = 1.4 * (2.0 * (u - conv2)) / 14.0;
+    if (u > fc1 && u < fc1 + 4) expected = 2.0 * (128.0 * (u - fc1)) / 512.0;
+    EXPECT_DOUBLE_EQ(entry[static_cast<size_t>(u)], expected) << chain->Describe(u, u + 1);
+  }
+  EXPECT_EQ(chain->UnitEntryTimes({}), std::vector<double>(entry.size(), 0.0));
+}
+
 TEST(ChainTest, RejectsBadCuts) {
   auto expect_bad = [](const proto::ChainSpec& spec, const std::string& what) {
     auto chain = Chain::Create(CnnSpec(), spec);
@@ -159,8 +179,9 @@ TEST(ChainTest, AutoSplitCutsTheHeavyLayers) {
   EXPECT_EQ(AutoSplit(CnnSpec(), costs, 1).splits_size(), 0);
   const proto::ChainSpec spec = AutoSplit(CnnSpec(), costs, 4);
   ASSERT_GE(spec.splits_size(), 1);
-  EXPECT_EQ(spec.splits(0).layer_index(), 3u);  // conv2, ~80% of the FLOPs: ~7 bands
-  EXPECT_GE(spec.splits(0).parts(), 6u);
+  EXPECT_EQ(spec.splits(0).layer_index(), 3u);  // conv2, ~80% of the FLOPs: one band a row
+  EXPECT_EQ(spec.splits(0).parts(), 14u);
+  EXPECT_GE(AutoSplit(CnnSpec(), costs, 2).splits(0).parts(), 13u);  // ceil(16 x share)
   EXPECT_TRUE(Chain::Create(CnnSpec(), spec).ok());
 }
 

@@ -96,6 +96,42 @@ TEST(EstimateStageTest, ComputeTransferAndMemoryByHand) {
   EXPECT_FALSE(EstimateStage(costs, d, 0, 2, options).fits);
   d.memory_budget_bytes = s.memory_bytes;
   EXPECT_TRUE(EstimateStage(costs, d, 0, 2, options).fits);
+  // A stage pays the entry time of the layer it begins at, per sample, and no other's.
+  d.entry_ms_per_sample = {0.0, 0.125, 4.0};
+  EXPECT_DOUBLE_EQ(EstimateStage(costs, d, 0, 2, options).compute_ms, 0.5 + 10 * 0.75);
+  EXPECT_DOUBLE_EQ(EstimateStage(costs, d, 1, 2, options).compute_ms, 0.5 + 10 * (0.25 + 0.125));
+  EXPECT_DOUBLE_EQ(EstimateStage(costs, d, 1, 3, options).compute_ms, 0.5 + 10 * (1.25 + 0.125));
+}
+
+// Entry times move a boundary: two identical devices, four equal layers; joining before
+// layer 2 is expensive, so the planner cuts elsewhere although 2 + 2 is the even split.
+TEST(PlannerTest, EntryTimesMoveStageBoundaries) {
+  std::vector<LayerCost> costs(4);
+  for (int i = 0; i < 4; ++i) {
+    costs[static_cast<size_t>(i)] = {i, "l" + std::to_string(i), "dense", 1000, 0, 4, 4, 0};
+  }
+  Device d;
+  d.layer_ms_per_sample = {1, 1, 1, 1};
+  std::vector<Device> devices = {d, d};
+  devices[1].name = "b";
+  PlanOptions options;
+  options.micro_batch = 1;
+  options.num_stages = 2;
+  auto even = PlanPipeline(costs, devices, options);
+  ASSERT_TRUE(even.ok()) << even.status().ToString();
+  EXPECT_EQ(even->stages[0].end, 2);
+  EXPECT_DOUBLE_EQ(even->bottleneck_ms, 2.0);
+  for (Device& dev : devices) dev.entry_ms_per_sample = {0, 0, 1.5, 0};
+  auto moved = PlanPipeline(costs, devices, options);
+  ASSERT_TRUE(moved.ok()) << moved.status().ToString();
+  EXPECT_NE(moved->stages[0].end, 2);
+  EXPECT_DOUBLE_EQ(moved->bottleneck_ms, 3.0);  // 3 + 1 (or 1 + 3) beats 2 + (1.5 + 2)
+  devices[0].entry_ms_per_sample = {0, 0};      // wrong size
+  EXPECT_THAT(PlanPipeline(costs, devices, options).status().message(),
+              HasSubstr("entry times for 2 layers"));
+  devices[0].entry_ms_per_sample = {0, 0, -1, 0};
+  EXPECT_THAT(PlanPipeline(costs, devices, options).status().message(),
+              HasSubstr("entry time of layer 2"));
 }
 
 // ---------------------------------------------------------------- brute force
@@ -123,12 +159,11 @@ void BruteForce(std::span<const LayerCost> costs, std::span<const Device> device
   for (int d = given_order ? last_device + 1 : 0; d < static_cast<int>(devices.size()); ++d) {
     if ((used >> d & 1U) != 0) continue;
     for (int end = begin + 1; end <= n; ++end) {
-      const StageEstimate s = EstimateStage(costs, devices[static_cast<size_t>(d)], begin, end,
-                                            options);
+      const StageEstimate s =
+          EstimateStage(costs, devices[static_cast<size_t>(d)], begin, end, options);
       if (!s.fits) continue;
       BruteForce(costs, devices, options, given_order, end, used | 1U << d, d,
-                 std::max(bottleneck, s.stage_ms), latency + s.compute_ms + s.transfer_ms,
-                 best);
+                 std::max(bottleneck, s.stage_ms), latency + s.compute_ms + s.transfer_ms, best);
     }
   }
 }
@@ -171,11 +206,18 @@ std::vector<Device> RandomDevices(std::mt19937_64& rng, std::span<const LayerCos
       // Per-layer speed varies around the device's FLOPS, as measured timings do.
       dev.layer_ms_per_sample.push_back(c.forward_flops / (gflops * 1e6) * (0.5 + unit(rng)));
     }
+    if (rng() % 2 == 0) {
+      // Entry costs (joining carried outputs) at some layers: a stage's cost then depends on
+      // where it begins, not only on the layers it sums.
+      for (size_t i = 0; i < costs.size(); ++i) {
+        dev.entry_ms_per_sample.push_back(rng() % 3 == 0 ? 0.0 : 0.2 * unit(rng));
+      }
+    }
     // Budget from "everything fits" down to "hardly anything fits"; sometimes no limit.
-    dev.memory_budget_bytes = rng() % 5 == 0 ? 0
-                                             : static_cast<uint64_t>(
-                                                   static_cast<double>(total_memory) *
-                                                   (0.05 + 1.2 * unit(rng)));
+    dev.memory_budget_bytes =
+        rng() % 5 == 0
+            ? 0
+            : static_cast<uint64_t>(static_cast<double>(total_memory) * (0.05 + 1.2 * unit(rng)));
     dev.link_bandwidth_bytes_per_s = 1e6 * std::pow(10.0, 3 * unit(rng));
     dev.link_latency_ms = rng() % 3 == 0 ? 0 : 2 * unit(rng);
     dev.overhead_ms = rng() % 2 == 0 ? 0 : unit(rng);
@@ -405,8 +447,7 @@ TEST(PlannerTest, RefusesLayersThatFitOnlyOneAtATime) {
 TEST(PlannerTest, RejectsBadInput) {
   const auto costs = ComputeLayerCosts(Build(MlpSpec()));
   const Device good = FlopsDevice(costs, "a", 1);
-  EXPECT_EQ(PlanPipeline(costs, {}, PlanOptions{}).status().code(),
-            Status::Code::kInvalidArgument);
+  EXPECT_EQ(PlanPipeline(costs, {}, PlanOptions{}).status().code(), Status::Code::kInvalidArgument);
   EXPECT_EQ(PlanPipeline({}, std::vector<Device>{good}, PlanOptions{}).status().code(),
             Status::Code::kInvalidArgument);
   PlanOptions zero;
@@ -415,10 +456,9 @@ TEST(PlannerTest, RejectsBadInput) {
             Status::Code::kInvalidArgument);
   Device short_times = good;
   short_times.layer_ms_per_sample.pop_back();
-  EXPECT_THAT(PlanPipeline(costs, std::vector<Device>{short_times}, PlanOptions{})
-                  .status()
-                  .message(),
-              HasSubstr("has times for 5 layers, the model has 6"));
+  EXPECT_THAT(
+      PlanPipeline(costs, std::vector<Device>{short_times}, PlanOptions{}).status().message(),
+      HasSubstr("has times for 5 layers, the model has 6"));
   Device nan = good;
   nan.layer_ms_per_sample[2] = std::nan("");
   EXPECT_EQ(PlanPipeline(costs, std::vector<Device>{nan}, PlanOptions{}).status().code(),
@@ -456,12 +496,15 @@ TEST(DeviceFromProfileTest, TimingsAreScaledBySlowdown) {
     t->set_layer_index(static_cast<uint32_t>(5 - i));  // order does not matter
     t->set_layer_name(costs[static_cast<size_t>(5 - i)].name);
     t->set_forward_ms_per_sample(0.01 * (i + 1));
+    t->set_join_ms_per_sample(0.001 * i);
   }
-  auto d = DeviceFromProfile(p, costs, LinkDefaults{.bandwidth_bytes_per_s = 5e8,
-                                                     .latency_ms = 0.3});
+  auto d =
+      DeviceFromProfile(p, costs, LinkDefaults{.bandwidth_bytes_per_s = 5e8, .latency_ms = 0.3});
   ASSERT_TRUE(d.ok()) << d.status().ToString();
   EXPECT_DOUBLE_EQ(d->layer_ms_per_sample[5], 4 * 0.01);
   EXPECT_DOUBLE_EQ(d->layer_ms_per_sample[0], 4 * 0.06);
+  EXPECT_DOUBLE_EQ(d->layer_join_ms_per_sample[0], 4 * 0.005);
+  EXPECT_TRUE(d->entry_ms_per_sample.empty());  // per unit: made by Chain::UnitEntryTimes
   EXPECT_EQ(d->memory_budget_bytes, 123U);
   EXPECT_EQ(d->link_bandwidth_bytes_per_s, 5e8);
   EXPECT_EQ(d->link_latency_ms, 0.3);
@@ -479,6 +522,9 @@ TEST(DeviceFromProfileTest, TimingsAreScaledBySlowdown) {
   other = p;
   other.set_slowdown(0.5);
   EXPECT_EQ(DeviceFromProfile(other, costs).status().code(), Status::Code::kInvalidArgument);
+  other = p;
+  other.mutable_layer_timings(2)->set_join_ms_per_sample(std::nan(""));
+  EXPECT_THAT(DeviceFromProfile(other, costs).status().message(), HasSubstr("join time"));
 }
 
 TEST(DeviceFromProfileTest, FlopsModelWithoutTimings) {
@@ -510,6 +556,14 @@ TEST(MeasureTest, LayerTimesArePositiveAndFinite) {
     EXPECT_EQ(t.layer_name(), model.spec().layers(static_cast<int>(i)).name());
     EXPECT_GT(t.forward_ms_per_sample(), 0);
     EXPECT_TRUE(std::isfinite(t.forward_ms_per_sample()));
+    // Join times for the layers a pipeline may cut (conv2d, dense), none for the others.
+    const auto& spec = model.spec().layers(static_cast<int>(i));
+    if (spec.has_conv2d() || spec.has_dense()) {
+      EXPECT_GT(t.join_ms_per_sample(), 0) << t.layer_name();
+      EXPECT_TRUE(std::isfinite(t.join_ms_per_sample()));
+    } else {
+      EXPECT_EQ(t.join_ms_per_sample(), 0) << t.layer_name();
+    }
   }
   options.batch = 0;
   EXPECT_EQ(MeasureLayerTimes(model, options).status().code(), Status::Code::kInvalidArgument);
@@ -536,8 +590,7 @@ TEST(MeasureTest, DeviceProfileFeedsThePlanner) {
   EXPECT_DOUBLE_EQ(device->layer_ms_per_sample[1],
                    4 * profile->layer_timings(1).forward_ms_per_sample());
   options.slowdown = 0.5;
-  EXPECT_EQ(MeasureDeviceProfile(nullptr, options).status().code(),
-            Status::Code::kInvalidArgument);
+  EXPECT_EQ(MeasureDeviceProfile(nullptr, options).status().code(), Status::Code::kInvalidArgument);
 }
 
 }  // namespace

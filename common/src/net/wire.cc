@@ -90,6 +90,8 @@ Status ValidateBody(const proto::Envelope& e, proto::ErrorCode* code) {
             CheckNumber(t.forward_ms_per_sample(), "hello.profile.forward_ms_per_sample", code));
         FEDSLICE_RETURN_IF_ERROR(
             CheckNumber(t.backward_ms_per_sample(), "hello.profile.backward_ms_per_sample", code));
+        FEDSLICE_RETURN_IF_ERROR(
+            CheckNumber(t.join_ms_per_sample(), "hello.profile.join_ms_per_sample", code));
       }
       return Status::Ok();
     }
@@ -237,6 +239,8 @@ Status ValidateBody(const proto::Envelope& e, proto::ErrorCode* code) {
         FEDSLICE_RETURN_IF_ERROR(CheckString(t.layer_name(), "profile_update.layer_name", code));
         FEDSLICE_RETURN_IF_ERROR(CheckNumber(t.forward_ms_per_sample(),
                                              "profile_update.forward_ms_per_sample", code));
+        FEDSLICE_RETURN_IF_ERROR(
+            CheckNumber(t.join_ms_per_sample(), "profile_update.join_ms_per_sample", code));
       }
       return Status::Ok();
     }

@@ -88,6 +88,10 @@ class Chain {
   std::vector<LayerCost> UnitCosts(std::span<const LayerCost> layer_costs) const;
   // Per-unit times from per-layer times (size num_layers()): a part takes its share.
   std::vector<double> UnitTimes(std::span<const double> layer_ms) const;
+  // Per-unit entry times (planner.h, Device::entry_ms_per_sample) from per-layer join times
+  // (size num_layers(), or empty: then all 0): a stage beginning at part j > 0 joins the
+  // outputs of parts 0..j-1 and pays that share of its layer's join; elsewhere 0.
+  std::vector<double> UnitEntryTimes(std::span<const double> layer_join_ms) const;
 
   // Number of packed parameters of units [b, e) (0 <= b < e <= num_units()).
   int64_t SliceParamCount(int begin, int end) const;
@@ -112,9 +116,11 @@ class Chain {
 
 // Which layers to cut for a pipeline of up to `max_stages` stages: a conv2d or dense layer
 // holding more than 1/(4·max_stages) of the model's forward FLOPs is cut into
-// ceil(4·max_stages·share) parts (at most its output rows / features and kMaxLayerParts), so
-// that stage boundaries can fall within ~1/(4·max_stages) of the ideal balance (with 2·K
-// parts the cnn's 3- and 4-stage plans were 14% off balance). max_stages <= 1: no cuts.
+// ceil(8·max_stages·share) parts (at most its output rows / features and kMaxLayerParts), so
+// that stage boundaries can fall within ~1/(8·max_stages) of the ideal balance. Finer is
+// nearly free (a stage runs its consecutive parts as one band); coarser was not: with 2·K
+// parts the cnn's 3- and 4-stage plans were 14% off balance, with 4·K its 2-stage plan 13%
+// (7 bands of conv2, each ~9% of the model). max_stages <= 1: no cuts.
 proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerCost> layer_costs,
                            int max_stages);
 

@@ -35,12 +35,12 @@ namespace fedslice::slicing {
 
 struct LayerCost {
   int index = 0;
-  std::string name;  // spec name, e.g. "conv2"
-  std::string kind;  // "dense", "conv2d", "maxpool2d", "relu", "flatten"
+  std::string name;          // spec name, e.g. "conv2"
+  std::string kind;          // "dense", "conv2d", "maxpool2d", "relu", "flatten"
   double forward_flops = 0;  // per sample
   int64_t param_bytes = 0;
-  int64_t input_bytes = 0;   // per sample
-  int64_t output_bytes = 0;  // per sample
+  int64_t input_bytes = 0;    // per sample
+  int64_t output_bytes = 0;   // per sample
   int64_t scratch_bytes = 0;  // per worker thread
 };
 
@@ -54,14 +54,19 @@ struct TimingOptions {
   // Rough bound on the total measuring time (warm-up included). At least one timed run of
   // every layer always happens, so a very slow device may exceed it by one pass.
   std::chrono::milliseconds budget{1000};
-  // Upper bound on timed runs per layer; the median of those done is reported.
-  int max_runs = 7;
+  // Upper bound on timed runs per layer; the fastest of those done is reported.
+  int max_runs = 15;
 };
 
-// Times each layer's inference Forward on this device with the engine's current threads:
-// one warm-up pass over all layers, then up to max_runs timed passes while the budget
-// lasts; per layer, the median run divided by the batch. The input is fixed pseudo-random
-// data. Returns one LayerTiming per layer (index, name, forward_ms_per_sample > 0, finite);
+// Times each layer's inference Forward on this device with the engine's current threads, as
+// a stage runs them (each on the output its predecessor just wrote, into buffers kept from
+// run to run): one warm-up pass over all layers, then up to max_runs timed passes while
+// the budget lasts; per layer, the fastest run divided by the batch (interference from
+// other work only ever adds time, so the minimum is the steadiest estimate of the device's
+// own speed, and it is what slow-device emulation holds against, stage_host.h). conv2d and
+// dense layers also get join_ms_per_sample: copying their whole output in the pieces a
+// stage beginning inside the cut layer copies. The input is fixed pseudo-random data.
+// Returns one LayerTiming per layer (index, name, forward_ms_per_sample > 0, finite);
 // backward_ms_per_sample is 0 (not measured: split inference does not run backward).
 // InvalidArgument for batch < 1 or > 4096, budget <= 0 or max_runs < 1.
 //

@@ -2,9 +2,11 @@
 // chain of devices, to maximise pipeline throughput within each device's memory budget.
 //
 // Cost model of one stage (device d running layers [b, e) on micro-batches of m samples):
-//   compute_ms  = overhead_ms(d) + m · Σ_{i in [b,e)} t_d(i), where t_d(i) is d's forward
-//                 time per sample of layer i (DeviceFromProfile: measured timings × slowdown,
-//                 else forward_flops(i) / (flops / slowdown)).
+//   compute_ms  = overhead_ms(d) + m · (entry_d(b) + Σ_{i in [b,e)} t_d(i)), where t_d(i) is
+//                 d's forward time per sample of layer i (DeviceFromProfile: measured
+//                 timings × slowdown, else forward_flops(i) / (flops / slowdown)) and
+//                 entry_d(b) what beginning at b costs (joining the outputs carried into a
+//                 cut layer, Chain::UnitEntryTimes; 0 when not given).
 //   bytes_sent  = m · output_bytes(e - 1): the activations sent to the next stage; the last
 //                 stage sends the logits back to the requester the same way.
 //   transfer_ms = latency_ms(d) + 1000 · bytes_sent / bandwidth(d), over d's link onward.
@@ -49,7 +51,14 @@ struct Device {
   std::string name;
   // Forward time per sample of every layer of the model, in ms (size n, each finite, >= 0).
   std::vector<double> layer_ms_per_sample;
-  uint64_t memory_budget_bytes = 0;  // 0 = no limit
+  // Time per sample, in ms, that a stage beginning at layer (unit) i pays before running it
+  // (size n, or empty for none): joining the outputs carried into a cut layer.
+  std::vector<double> entry_ms_per_sample;
+  // Not read by the planner: the profile's per-layer join times (LayerTiming.
+  // join_ms_per_sample × slowdown), from which Chain::UnitEntryTimes makes the entry times
+  // of a chain's units. Whole layers have none.
+  std::vector<double> layer_join_ms_per_sample;
+  uint64_t memory_budget_bytes = 0;         // 0 = no limit
   double link_bandwidth_bytes_per_s = 1e9;  // to the next stage, > 0
   double link_latency_ms = 0;               // to the next stage, >= 0
   double overhead_ms = 0;                   // fixed cost per micro-batch, >= 0
@@ -64,7 +73,8 @@ struct LinkDefaults {
 
 // The planner's view of a device from the profile it reported: with layer timings (one per
 // layer of `costs`, indices 0..n-1 in any order, names matching when given, finite and
-// >= 0), t(i) = forward_ms_per_sample × slowdown;
+// >= 0), t(i) = forward_ms_per_sample × slowdown (and layer_join_ms_per_sample(i) =
+// join_ms_per_sample × slowdown);
 // otherwise t(i) = 1000 · forward_flops(i) · slowdown / flops. slowdown 0 (unset) means 1.
 // Unset link figures take `link`. InvalidArgument naming the device and the field for
 // timings of another model, flops <= 0 without timings, slowdown < 1, NaN or negative values.
@@ -114,9 +124,9 @@ struct PlannedStage {
 
 struct Plan {
   int micro_batch = 0;
-  bool order_searched = false;  // the planner chose the devices' order
-  std::vector<PlannedStage> stages;  // in pipeline order, covering [0, n)
-  double bottleneck_ms = 0;          // max stage_ms
+  bool order_searched = false;          // the planner chose the devices' order
+  std::vector<PlannedStage> stages;     // in pipeline order, covering [0, n)
+  double bottleneck_ms = 0;             // max stage_ms
   double throughput_samples_per_s = 0;  // micro_batch / bottleneck
   double latency_ms = 0;                // Σ (compute_ms + transfer_ms)
 };

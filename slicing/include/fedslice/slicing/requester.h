@@ -46,12 +46,12 @@
 namespace fedslice::slicing {
 
 struct RequesterOptions {
-  uint32_t micro_batch = 64;     // samples per micro-batch (>= 1, <= 4096)
-  uint32_t num_stages = 0;       // 0: as many as the planner finds best
+  uint32_t micro_batch = 64;              // samples per micro-batch (>= 1, <= 4096)
+  uint32_t num_stages = 0;                // 0: as many as the planner finds best
   std::string activation_codec = "fp32";  // between stages: "fp32" or "int8"
-  uint32_t in_flight = 2;        // micro-batches a stage may buffer (0: the coordinator's 2)
-  bool split_layers = true;      // let the planner cut heavy layers into parts
-  int max_replans = 3;           // pipelines given up before Run() fails
+  uint32_t in_flight = 2;    // micro-batches a stage may buffer (0: the coordinator's 2)
+  bool split_layers = true;  // let the planner cut heavy layers into parts
+  int max_replans = 3;       // pipelines given up before Run() fails
   // Waiting for a PipelinePlan (requests wait while the coordinator still trains).
   std::chrono::milliseconds plan_timeout{std::chrono::minutes(10)};
   // A pipeline with unanswered micro-batches that returns nothing for this long has failed.
@@ -75,13 +75,13 @@ struct InferenceReport {
   std::vector<proto::PipelinePlan> plans;
   int64_t images = 0;
   int64_t batches = 0;
-  int64_t answered = 0;             // images answered (== images when Run() succeeds)
-  int64_t batches_replayed = 0;     // sent again to a new pipeline after a failure
-  int64_t duplicates_discarded = 0; // results for a batch already answered or of an old pipeline
+  int64_t answered = 0;               // images answered (== images when Run() succeeds)
+  int64_t batches_replayed = 0;       // sent again to a new pipeline after a failure
+  int64_t duplicates_discarded = 0;   // results for a batch already answered or of an old pipeline
   std::vector<std::string> failures;  // why each given-up pipeline was given up
-  double seconds = 0;               // the whole Run(), planning included
-  double stream_seconds = 0;        // first micro-batch sent to the last result
-  double images_per_s = 0;          // images / stream_seconds
+  double seconds = 0;                 // the whole Run(), planning included
+  double stream_seconds = 0;          // first micro-batch sent to the last result
+  double images_per_s = 0;            // images / stream_seconds
   // Per micro-batch, from handing it to TLS to its result (answered batches only; a replayed
   // batch is timed from its last send).
   double latency_p50_ms = 0;

@@ -35,13 +35,15 @@
 // not a failure of this stage: its peer is gone, and the coordinator hears of it elsewhere.
 //
 // Emulated slow devices: with slowdown N > 1 the compute thread holds each micro-batch until
-// N·c has passed since its compute started, c being the CPU time its layers used (on one
-// engine thread; with more, their wall time; decoding and encoding the activations are not
-// scaled: the planner counts them with the link), so the stage behaves as a device whose
-// layers run N times slower than this host's — also when neighbouring stages on the same
-// host compete for its cores
-// (for measuring pipelines of several stages on one machine; real devices, or Docker CPU
-// limits, need no emulation).
+// N·c has passed since its compute started, c being the least CPU time the slice's layers
+// have taken for a batch so far (on one engine thread; with more, wall time; decoding and
+// encoding the activations are not scaled: the planner counts them with the link). So the
+// stage behaves as a device whose layers run N times slower than this host's, also when
+// neighbouring stages on the same host compete for its cores: CPU time leaves out the time
+// they keep us waiting, and the minimum leaves out how they slow us down while we run
+// (shared core, caches: +23% CPU time measured on a 2-vCPU VM with the other vCPU busy).
+// For measuring pipelines of several stages on one machine; real devices, or Docker CPU
+// limits, need no emulation.
 //
 // Threads: `io_threads` run the sessions; one compute thread runs the executor (never an io
 // thread, so a long micro-batch does not stall heartbeats or the upstream's reads). Public
