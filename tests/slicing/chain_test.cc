@@ -242,6 +242,38 @@ TEST(StageExecutorTest, CutLayersMatchTheModelClosely) {
   }
 }
 
+// Bands of a strided, padded conv2d (BandConvForward's edge cases: padding rows above and
+// below, columns skipped by the stride, groups of samples with a short last group).
+TEST(StageExecutorTest, BandsOfAStridedPaddedConvMatchTheModel) {
+  proto::ModelSpec spec = CnnSpec();
+  auto* conv2 = spec.mutable_layers(3)->mutable_conv2d();
+  conv2->set_kernel(3);
+  conv2->set_stride(2);
+  conv2->set_padding(1);  // 14x14 -> 7x7; pool2 -> 3x3
+  spec.mutable_layers(7)->mutable_dense()->set_in_features(64 * 3 * 3);
+  auto model = Model::Create(spec);
+  ASSERT_TRUE(model.ok()) << model.status().ToString();
+  auto chain = Chain::Create(spec, Splits({{3, 7}}));
+  ASSERT_TRUE(chain.ok()) << chain.status().ToString();
+  const int first = chain->FirstUnitOfLayer(3);
+  for (int64_t batch : {1, 7, 33}) {
+    const Tensor input = RandomInput(*model, batch, static_cast<uint64_t>(batch) + 40);
+    Tensor expected;
+    ASSERT_TRUE(model->Forward(input, &expected).ok());
+    for (const std::vector<int>& bounds :
+         {std::vector<int>{0, first + 1, chain->num_units()},
+          std::vector<int>{0, first + 3, first + 6, chain->num_units()},
+          std::vector<int>{0, first + 6, chain->num_units()}}) {
+      const Tensor got = RunPipeline(*model, *chain, bounds, input);
+      ASSERT_EQ(got.shape(), expected.shape());
+      for (int64_t i = 0; i < got.size(); ++i) {
+        ASSERT_NEAR(got.data()[i], expected.data()[i], 1e-5)
+            << "batch " << batch << ", value " << i;
+      }
+    }
+  }
+}
+
 TEST(StageExecutorTest, MessagesRoundTripWithFp32AndInt8Activations) {
   const proto::ModelSpec spec = CnnSpec();
   auto model = Model::Create(spec);
