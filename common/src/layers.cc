@@ -1,11 +1,11 @@
 #include "fedslice/common/layers.h"
 
+#include <omp.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
-
-#include <omp.h>
 
 #include "dense_kernels.h"
 #include "fedslice/common/threading.h"
@@ -20,9 +20,9 @@ using ConstMap = Eigen::Map<const RowMatrix>;
 using RowVectorMap = Eigen::Map<Eigen::RowVectorXf>;
 
 // Bounds that reject absurd specs (a typo of a few zeros) before anything is allocated.
-constexpr int64_t kMaxDim = int64_t{1} << 20;            // any single dimension
-constexpr int64_t kMaxSampleSize = int64_t{1} << 26;     // floats of one sample's activation
-constexpr int64_t kMaxLayerParams = int64_t{1} << 28;    // 1 GiB of float32
+constexpr int64_t kMaxDim = int64_t{1} << 20;          // any single dimension
+constexpr int64_t kMaxSampleSize = int64_t{1} << 26;   // floats of one sample's activation
+constexpr int64_t kMaxLayerParams = int64_t{1} << 28;  // 1 GiB of float32
 // Up to this batch size Dense layers use the kernels of dense_kernels.h, beyond it Eigen's
 // GEMM, whose packing cost is then amortised over enough rows.
 constexpr int64_t kSmallBatch = 64;
@@ -132,9 +132,8 @@ void DenseLayer::Backward(const Tensor& grad_out, Tensor* grad_in) {
 
 Conv2DLayer::Conv2DLayer(const std::vector<int64_t>& input_shape, int64_t out_channels,
                          int64_t kernel, int64_t stride, int64_t padding)
-    : Layer(input_shape,
-            {out_channels, (input_shape[1] + 2 * padding - kernel) / stride + 1,
-             (input_shape[2] + 2 * padding - kernel) / stride + 1}),
+    : Layer(input_shape, {out_channels, (input_shape[1] + 2 * padding - kernel) / stride + 1,
+                          (input_shape[2] + 2 * padding - kernel) / stride + 1}),
       c_(input_shape[0]),
       h_(input_shape[1]),
       w_(input_shape[2]),
@@ -146,6 +145,29 @@ Conv2DLayer::Conv2DLayer(const std::vector<int64_t>& input_shape, int64_t out_ch
       ow_(output_shape()[2]),
       ckk_(c_ * k_ * k_),
       p_(oh_ * ow_) {}
+
+void Im2ColRows(const float* plane, int64_t h, int64_t w, int64_t ki, int64_t kj, int64_t stride,
+                int64_t pad, int64_t oh0, int64_t oh1, int64_t out_w, float* dst) {
+  // Output columns whose input column iw = ow * stride - pad + kj lies inside.
+  const int64_t ow_lo = std::clamp<int64_t>((pad - kj + stride - 1) / stride, 0, out_w);
+  const int64_t ow_hi = std::clamp<int64_t>((w + pad - kj + stride - 1) / stride, ow_lo, out_w);
+  const int64_t shift = kj - pad;  // iw = ow * stride + shift
+  for (int64_t oh = oh0; oh < oh1; ++oh, dst += out_w) {
+    const int64_t ih = oh * stride - pad + ki;
+    if (ih < 0 || ih >= h) {
+      std::fill_n(dst, out_w, 0.0f);
+      continue;
+    }
+    const float* row = plane + ih * w;
+    std::fill_n(dst, ow_lo, 0.0f);
+    if (stride == 1) {
+      std::copy(row + ow_lo + shift, row + ow_hi + shift, dst + ow_lo);
+    } else {
+      for (int64_t ow = ow_lo; ow < ow_hi; ++ow) dst[ow] = row[ow * stride + shift];
+    }
+    std::fill(dst + ow_hi, dst + out_w, 0.0f);
+  }
+}
 
 void Conv2DLayer::BindParams(float* params, float* grads) {
   w_ptr_ = params;
@@ -161,30 +183,10 @@ void Conv2DLayer::InitParams(std::mt19937_64& rng, bool he) {
 
 void Conv2DLayer::Im2Col(const float* in, float* cols) const {
   for (int64_t c = 0; c < c_; ++c) {
-    const float* plane = in + c * h_ * w_;
     for (int64_t ki = 0; ki < k_; ++ki) {
       for (int64_t kj = 0; kj < k_; ++kj) {
-        float* dst = cols + ((c * k_ + ki) * k_ + kj) * p_;
-        // Output columns whose input column iw = ow * stride - pad + kj lies inside.
-        const int64_t ow_lo = std::clamp<int64_t>((pad_ - kj + stride_ - 1) / stride_, 0, ow_);
-        const int64_t ow_hi =
-            std::clamp<int64_t>((w_ + pad_ - kj + stride_ - 1) / stride_, ow_lo, ow_);
-        const int64_t shift = kj - pad_;  // iw = ow * stride + shift
-        for (int64_t oh = 0; oh < oh_; ++oh, dst += ow_) {
-          const int64_t ih = oh * stride_ - pad_ + ki;
-          if (ih < 0 || ih >= h_) {
-            std::fill_n(dst, ow_, 0.0f);
-            continue;
-          }
-          const float* row = plane + ih * w_;
-          std::fill_n(dst, ow_lo, 0.0f);
-          if (stride_ == 1) {
-            std::copy(row + ow_lo + shift, row + ow_hi + shift, dst + ow_lo);
-          } else {
-            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) dst[ow] = row[ow * stride_ + shift];
-          }
-          std::fill(dst + ow_hi, dst + ow_, 0.0f);
-        }
+        Im2ColRows(in + c * h_ * w_, h_, w_, ki, kj, stride_, pad_, 0, oh_, ow_,
+                   cols + ((c * k_ + ki) * k_ + kj) * p_);
       }
     }
   }
@@ -379,8 +381,7 @@ void MaxPool2DLayer::Backward(const Tensor& grad_out, Tensor* grad_in) {
 
 // ----------------------------------------------------------------------------------- ReLU
 
-ReluLayer::ReluLayer(const std::vector<int64_t>& input_shape)
-    : Layer(input_shape, input_shape) {}
+ReluLayer::ReluLayer(const std::vector<int64_t>& input_shape) : Layer(input_shape, input_shape) {}
 
 void ReluLayer::Forward(const Tensor& in, Tensor* out, bool training) {
   out->Resize(in.shape());
@@ -458,8 +459,7 @@ Result<std::unique_ptr<Layer>> CreateLayerUnchecked(const proto::LayerSpec& spec
       }
       if (d.in_features() != in[0]) {
         return Status::InvalidArgument("dense in_features is " + std::to_string(d.in_features()) +
-                                       " but its input has " + std::to_string(in[0]) +
-                                       " features");
+                                       " but its input has " + std::to_string(in[0]) + " features");
       }
       FEDSLICE_RETURN_IF_ERROR(CheckRange("dense out_features", d.out_features(), 1, kMaxDim));
       if (int64_t{d.out_features()} * (in[0] + 1) > kMaxLayerParams) {
@@ -475,9 +475,9 @@ Result<std::unique_ptr<Layer>> CreateLayerUnchecked(const proto::LayerSpec& spec
         return Status::InvalidArgument("conv2d needs a {C, H, W} input but gets " + in_str);
       }
       if (c.in_channels() != in[0]) {
-        return Status::InvalidArgument("conv2d in_channels is " +
-                                       std::to_string(c.in_channels()) + " but its input " +
-                                       in_str + " has " + std::to_string(in[0]) + " channels");
+        return Status::InvalidArgument("conv2d in_channels is " + std::to_string(c.in_channels()) +
+                                       " but its input " + in_str + " has " +
+                                       std::to_string(in[0]) + " channels");
       }
       FEDSLICE_RETURN_IF_ERROR(CheckRange("conv2d out_channels", c.out_channels(), 1, 1 << 16));
       FEDSLICE_RETURN_IF_ERROR(CheckRange("conv2d kernel", c.kernel(), 1, 1024));
@@ -526,10 +526,9 @@ Result<std::unique_ptr<Layer>> CreateLayer(const proto::LayerSpec& spec,
   if (input_shape.empty()) return Status::InvalidArgument(name + ": empty input shape");
   for (int64_t d : input_shape) {
     if (d < 1 || d > kMaxDim) {
-      return Status::InvalidArgument(name + ": input shape " +
-                                     Tensor::ShapeToString(input_shape) +
-                                     " has a dimension outside [1, " +
-                                     std::to_string(kMaxDim) + "]");
+      return Status::InvalidArgument(name + ": input shape " + Tensor::ShapeToString(input_shape) +
+                                     " has a dimension outside [1, " + std::to_string(kMaxDim) +
+                                     "]");
     }
   }
   Result<std::unique_ptr<Layer>> layer = CreateLayerUnchecked(spec, input_shape);

@@ -117,27 +117,9 @@ void BandConvForward(const proto::Conv2DSpec& conv, const float* weights, const 
       for (int64_t ki = 0; ki < k; ++ki) {
         for (int64_t kj = 0; kj < k; ++kj) {
           float* dst = cols->data() + ((ch * k + ki) * k + kj) * columns;
-          const int64_t ow_lo = std::clamp<int64_t>((pad - kj + stride - 1) / stride, 0, ow);
-          const int64_t ow_hi =
-              std::clamp<int64_t>((w + pad - kj + stride - 1) / stride, ow_lo, ow);
-          const int64_t shift = kj - pad;  // input column = ow * stride + shift
           for (int64_t j = 0; j < g; ++j) {
-            const float* plane = in.data() + ((s0 + j) * c + ch) * h * w;
-            for (int64_t oh = r0; oh < r1; ++oh, dst += ow) {
-              const int64_t ih = oh * stride - pad + ki;
-              if (ih < 0 || ih >= h) {
-                std::fill_n(dst, ow, 0.0f);
-                continue;
-              }
-              const float* row = plane + ih * w;
-              std::fill_n(dst, ow_lo, 0.0f);
-              if (stride == 1) {
-                std::copy(row + ow_lo + shift, row + ow_hi + shift, dst + ow_lo);
-              } else {
-                for (int64_t x = ow_lo; x < ow_hi; ++x) dst[x] = row[x * stride + shift];
-              }
-              std::fill(dst + ow_hi, dst + ow, 0.0f);
-            }
+            Im2ColRows(in.data() + ((s0 + j) * c + ch) * h * w, h, w, ki, kj, stride, pad, r0, r1,
+                       ow, dst + j * per_sample);
           }
         }
       }

@@ -67,6 +67,14 @@ class Layer {
   std::vector<int64_t> output_shape_;
 };
 
+// One (input channel, kernel offset ki, kj) slice of a conv2d's im2col, for output rows
+// [oh0, oh1) of one sample: dst[(oh - oh0) · out_w + ow] = plane[ih][ow · stride + kj - pad]
+// with ih = oh · stride - pad + ki, and 0 where that falls in the zero padding. `plane` is one
+// input channel, h x w, row-major. Shared by Conv2DLayer and the row bands a pipeline cuts a
+// conv2d into (slicing/chain.cc), so that both gather exactly the same columns.
+void Im2ColRows(const float* plane, int64_t h, int64_t w, int64_t ki, int64_t kj, int64_t stride,
+                int64_t pad, int64_t oh0, int64_t oh1, int64_t out_w, float* dst);
+
 // Builds the layer `spec` describes for inputs of sample shape `input_shape`, after checking
 // that the two fit (channels, feature counts, kernel vs image size, ...) and that sizes are
 // positive and bounded. The error names the layer by `index` and spec.name().
@@ -86,8 +94,8 @@ class DenseLayer final : public Layer {
 
  private:
   int64_t in_, out_;
-  float* w_ = nullptr;   // [out_, in_]
-  float* b_ = nullptr;   // [out_]
+  float* w_ = nullptr;  // [out_, in_]
+  float* b_ = nullptr;  // [out_]
   float* dw_ = nullptr;
   float* db_ = nullptr;
   Tensor input_;  // copy of the last training input, for dW
@@ -120,8 +128,8 @@ class Conv2DLayer final : public Layer {
   int PrepareWorkers(int64_t batch);
 
   int64_t c_, h_, w_, oc_, k_, stride_, pad_, oh_, ow_;
-  int64_t ckk_;  // c_ * k_ * k_: rows of a patch column
-  int64_t p_;    // oh_ * ow_: output positions per sample
+  int64_t ckk_;             // c_ * k_ * k_: rows of a patch column
+  int64_t p_;               // oh_ * ow_: output positions per sample
   float* w_ptr_ = nullptr;  // [oc_, ckk_]
   float* b_ptr_ = nullptr;  // [oc_]
   float* dw_ptr_ = nullptr;
