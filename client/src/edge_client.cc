@@ -7,6 +7,7 @@
 #include <string_view>
 #include <vector>
 
+#include "fedslice/client/device_profile.h"
 #include "fedslice/common/codec.h"
 #include "fedslice/common/model.h"
 #include "fedslice/common/net/encoded_tensor.h"
@@ -36,10 +37,9 @@ std::optional<proto::RejectReason> GreetingRejectReason(const Status& status) {
   const size_t begin = at + kMarker.size();
   const size_t end = message.find(':', begin);
   proto::RejectReason reason;
-  if (!proto::RejectReason_Parse(message.substr(begin, end == std::string::npos
-                                                           ? std::string::npos
-                                                           : end - begin),
-                                 &reason)) {
+  if (!proto::RejectReason_Parse(
+          message.substr(begin, end == std::string::npos ? std::string::npos : end - begin),
+          &reason)) {
     return std::nullopt;
   }
   return reason;
@@ -185,23 +185,21 @@ Status EdgeClient::Run() {
     ++failures;
     if (options_.max_connect_attempts > 0 && failures >= options_.max_connect_attempts) {
       return Status::Unavailable("giving up after " + std::to_string(failures) +
-                                 " failed attempts to reach the coordinator at " +
-                                 options_.host + ":" + std::to_string(options_.port) +
+                                 " failed attempts to reach the coordinator at " + options_.host +
+                                 ":" + std::to_string(options_.port) +
                                  "; last error: " + outcome.status.ToString());
     }
     if (options_.give_up_after && Clock::now() - last_registered >= *options_.give_up_after) {
-      return Status::DeadlineExceeded(
-          "giving up: no session with the coordinator at " + options_.host + ":" +
-          std::to_string(options_.port) + " for " +
-          std::to_string(options_.give_up_after->count()) +
-          " s; last error: " + outcome.status.ToString());
+      return Status::DeadlineExceeded("giving up: no session with the coordinator at " +
+                                      options_.host + ":" + std::to_string(options_.port) +
+                                      " for " + std::to_string(options_.give_up_after->count()) +
+                                      " s; last error: " + outcome.status.ToString());
     }
     // Exponential backoff with "equal jitter": clients that lost the same coordinator do not
     // come back in lockstep.
     const int doublings = std::min(failures - 1, 30);
-    const auto ceiling =
-        std::min<milliseconds::rep>(options_.initial_backoff.count() << doublings,
-                                    options_.max_backoff.count());
+    const auto ceiling = std::min<milliseconds::rep>(options_.initial_backoff.count() << doublings,
+                                                     options_.max_backoff.count());
     std::uniform_int_distribution<milliseconds::rep> pick(ceiling / 2, ceiling);
     milliseconds wait{pick(jitter_)};
     wait = std::max(wait, outcome.retry_after);
@@ -222,9 +220,9 @@ EdgeClient::Outcome EdgeClient::RunSession(const std::string& client_id) {
     const Status& error = connected.status();
     if (stopped()) return {SessionEnd::kStopped, error};
     if (IsRetryableConnectError(error)) return {SessionEnd::kRetry, error};
-    return {SessionEnd::kFatal, error.WithContext("connecting to the coordinator at " +
-                                                  options_.host + ":" +
-                                                  std::to_string(options_.port))};
+    return {SessionEnd::kFatal,
+            error.WithContext("connecting to the coordinator at " + options_.host + ":" +
+                              std::to_string(options_.port))};
   }
   std::shared_ptr<net::Channel> channel = std::move(connected).value();
   {
@@ -235,8 +233,8 @@ EdgeClient::Outcome EdgeClient::RunSession(const std::string& client_id) {
   if (stopped()) {
     outcome = {SessionEnd::kStopped, Status::Aborted("client stopped")};
   } else {
-    spdlog::info("connected to coordinator '{}' at {}:{}", channel->peer_identity(),
-                 options_.host, options_.port);
+    spdlog::info("connected to coordinator '{}' at {}:{}", channel->peer_identity(), options_.host,
+                 options_.port);
     outcome = Serve(*channel, client_id);
   }
   {
@@ -286,8 +284,8 @@ EdgeClient::Outcome EdgeClient::Serve(net::Channel& channel, const std::string& 
                                        " ms of Hello")};
     }
     auto received = channel.Receive(std::min(
-        kPollInterval, std::chrono::duration_cast<milliseconds>(welcome_deadline - now) +
-                           milliseconds(1)));
+        kPollInterval,
+        std::chrono::duration_cast<milliseconds>(welcome_deadline - now) + milliseconds(1)));
     if (stopped()) return {SessionEnd::kStopped, Status::Aborted("client stopped")};
     if (!received.ok()) {
       if (received.status().code() == Status::Code::kDeadlineExceeded && channel.is_open()) {
@@ -304,16 +302,14 @@ EdgeClient::Outcome EdgeClient::Serve(net::Channel& channel, const std::string& 
         if (!model.ok()) {
           // Our data cannot train the announced model (other image size, more classes): no
           // later attempt can change that.
-          Status sent = channel.Send(
-              net::MakeError(proto::ERROR_SHAPE_MISMATCH,
-                             "client data does not fit the model: " + model.status().message(),
-                             envelope.seq()));
+          Status sent = channel.Send(net::MakeError(
+              proto::ERROR_SHAPE_MISMATCH,
+              "client data does not fit the model: " + model.status().message(), envelope.seq()));
           (void)sent;  // best effort: we are leaving anyway
           return {SessionEnd::kFatal,
-                  Status::FailedPrecondition("the coordinator's model '" +
-                                             welcome.model().name() +
-                                             "' does not fit this client's data: " +
-                                             model.status().message())};
+                  Status::FailedPrecondition(
+                      "the coordinator's model '" + welcome.model().name() +
+                      "' does not fit this client's data: " + model.status().message())};
         }
         model_params_ = static_cast<uint64_t>(model->param_count());
         registered = true;
@@ -354,8 +350,8 @@ EdgeClient::Outcome EdgeClient::Serve(net::Channel& channel, const std::string& 
       case proto::Envelope::kError:
         return {SessionEnd::kFatal,
                 Status::FailedPrecondition("coordinator answered our Hello with " +
-                                           proto::ErrorCode_Name(envelope.error().code()) +
-                                           ": " + envelope.error().message())};
+                                           proto::ErrorCode_Name(envelope.error().code()) + ": " +
+                                           envelope.error().message())};
       default: {
         Status sent = channel.Send(net::MakeError(
             proto::ERROR_UNEXPECTED_MESSAGE,
@@ -394,13 +390,13 @@ EdgeClient::Outcome EdgeClient::Serve(net::Channel& channel, const std::string& 
         break;
       case proto::Envelope::kBye:
         if (envelope.bye().reason() == proto::BYE_NORMAL) {
-          spdlog::info("coordinator ended the run{}{}", envelope.bye().message().empty() ? "" : ": ",
-                       envelope.bye().message());
+          spdlog::info("coordinator ended the run{}{}",
+                       envelope.bye().message().empty() ? "" : ": ", envelope.bye().message());
           return {SessionEnd::kRunComplete, Status::Ok(), true};
         }
-        return retry(Status::Unavailable("coordinator said bye: " +
-                                         proto::ByeReason_Name(envelope.bye().reason()) + ": " +
-                                         envelope.bye().message()));
+        return retry(Status::Unavailable(
+            "coordinator said bye: " + proto::ByeReason_Name(envelope.bye().reason()) + ": " +
+            envelope.bye().message()));
       case proto::Envelope::kError:
         // E.g. a result that arrived after the round's deadline. Nothing to undo here.
         spdlog::warn("coordinator reports {}: {}", proto::ErrorCode_Name(envelope.error().code()),
@@ -408,10 +404,9 @@ EdgeClient::Outcome EdgeClient::Serve(net::Channel& channel, const std::string& 
         break;
       default:
         spdlog::warn("unexpected {} from the coordinator", net::BodyName(envelope));
-        handled = channel.Send(net::MakeError(proto::ERROR_UNEXPECTED_MESSAGE,
-                                              net::BodyName(envelope) +
-                                                  " is not a message a coordinator sends now",
-                                              envelope.seq()));
+        handled = channel.Send(net::MakeError(
+            proto::ERROR_UNEXPECTED_MESSAGE,
+            net::BodyName(envelope) + " is not a message a coordinator sends now", envelope.seq()));
         break;
     }
     if (stopped()) return {SessionEnd::kStopped, Status::Aborted("client stopped"), true};
@@ -419,8 +414,7 @@ EdgeClient::Outcome EdgeClient::Serve(net::Channel& channel, const std::string& 
   }
 }
 
-Status EdgeClient::CheckWeights(const proto::EncodedTensor& weights,
-                                proto::ErrorCode* code) const {
+Status EdgeClient::CheckWeights(const proto::EncodedTensor& weights, proto::ErrorCode* code) const {
   if (weights.num_values() != model_params_) {
     *code = proto::ERROR_SHAPE_MISMATCH;
     return Status::InvalidArgument("weights have " + std::to_string(weights.num_values()) +
@@ -441,9 +435,8 @@ Status EdgeClient::HandleFit(net::Channel& channel, const proto::Envelope& envel
   auto refuse = [&](proto::ErrorCode code, const Status& why) {
     spdlog::warn("round {}: cannot do fit task {}: {}", task.round(), task.task_id(),
                  why.ToString());
-    return channel.Send(net::MakeError(code, "FitTask " + std::to_string(task.task_id()) + ": " +
-                                                 why.message(),
-                                       envelope.seq()));
+    return channel.Send(net::MakeError(
+        code, "FitTask " + std::to_string(task.task_id()) + ": " + why.message(), envelope.seq()));
   };
   proto::ErrorCode code = proto::ERROR_INVALID_TENSOR;
   if (Status ok = CheckWeights(task.global_weights(), &code); !ok.ok()) return refuse(code, ok);
@@ -472,8 +465,8 @@ Status EdgeClient::HandleFit(net::Channel& channel, const proto::Envelope& envel
   *reply.mutable_fit_result() = std::move(result).value();
   FEDSLICE_RETURN_IF_ERROR(channel.Send(std::move(reply)).WithContext("sending FitResult"));
   fit_tasks_done_.fetch_add(1);
-  spdlog::info("round {}: trained on {} samples, loss {:.4f}, {:.2f}s", task.round(), samples,
-               loss, elapsed);
+  spdlog::info("round {}: trained on {} samples, loss {:.4f}, {:.2f}s", task.round(), samples, loss,
+               elapsed);
   return Status::Ok();
 }
 
@@ -482,9 +475,9 @@ Status EdgeClient::HandleEvaluate(net::Channel& channel, const proto::Envelope& 
   auto refuse = [&](proto::ErrorCode code, const Status& why) {
     spdlog::warn("round {}: cannot do evaluate task {}: {}", task.round(), task.task_id(),
                  why.ToString());
-    return channel.Send(net::MakeError(code, "EvaluateTask " + std::to_string(task.task_id()) +
-                                                 ": " + why.message(),
-                                       envelope.seq()));
+    return channel.Send(net::MakeError(
+        code, "EvaluateTask " + std::to_string(task.task_id()) + ": " + why.message(),
+        envelope.seq()));
   };
   proto::ErrorCode code = proto::ERROR_INVALID_TENSOR;
   if (Status ok = CheckWeights(task.weights(), &code); !ok.ok()) return refuse(code, ok);
@@ -507,11 +500,11 @@ Status EdgeClient::HandleEvaluate(net::Channel& channel, const proto::Envelope& 
 
 Status EdgeClient::SendProfileUpdate(net::Channel& channel, const proto::ModelSpec& model) {
   const std::string key = model.SerializeAsString();
+  const int stage_threads = options_.stage ? options_.stage->engine_threads : 0;
   if (key != timed_model_) {
     auto created = Model::Create(model);
     if (!created.ok()) return created.status().WithContext("timing the announced model");
     // Timed with the threads the stage will compute with (the setting is process-wide).
-    const int stage_threads = options_.stage ? options_.stage->engine_threads : 0;
     const int previous = NumThreads();
     if (stage_threads > 0) SetNumThreads(stage_threads);
     auto timings = slicing::MeasureLayerTimes(*created, options_.stage_timing);
@@ -532,7 +525,21 @@ Status EdgeClient::SendProfileUpdate(net::Channel& channel, const proto::ModelSp
   *profile = options_.profile;
   profile->clear_layer_timings();
   for (const auto& t : layer_timings_) *profile->add_layer_timings() = t;
-  profile->set_slowdown(options_.slowdown);
+  const int threads = stage_threads > 0 ? stage_threads : NumThreads();
+  double slowdown = options_.slowdown;
+  if (auto cpus = CgroupCpuLimit(options_.cgroup_root); cpus.ok()) {
+    const double quota = CpuQuotaSlowdown(threads, *cpus);
+    if (quota > 1.0) {
+      spdlog::info(
+          "CPU quota of {:.2f} CPUs for {} engine thread(s): reported {:.2f}x slower "
+          "than the layer timings",
+          *cpus, threads, quota);
+    }
+    slowdown *= quota;
+  } else if (cpus.status().code() != Status::Code::kNotFound) {
+    spdlog::warn("CPU quota not read ({}); timings reported as measured", cpus.status().ToString());
+  }
+  profile->set_slowdown(slowdown);
   if (options_.stage && options_.stage->engine_threads > 0) {
     profile->set_num_threads(static_cast<uint32_t>(options_.stage->engine_threads));
   }

@@ -18,8 +18,7 @@ Status LocalTrainer::SetModel(const proto::ModelSpec& spec, const std::string& r
   if (test_) {
     FEDSLICE_RETURN_IF_ERROR(ValidateDataset(model, *test_).WithContext("local test data"));
   }
-  if (model_ == nullptr || run_id != run_id_ ||
-      model_->param_count() != model.param_count()) {
+  if (model_ == nullptr || run_id != run_id_ || model_->param_count() != model.param_count()) {
     feedback_.Reset();
   }
   model_ = std::make_unique<Model>(std::move(model));
@@ -47,8 +46,7 @@ Result<proto::FitResult> LocalTrainer::Fit(const proto::FitTask& task) {
   const auto started = std::chrono::steady_clock::now();
   FEDSLICE_RETURN_IF_ERROR(LoadWeights(task.global_weights()).WithContext("FitTask"));
   if (task.batch_size() == 0) return Status::InvalidArgument("FitTask: batch_size must be >= 1");
-  FEDSLICE_ASSIGN_OR_RETURN(codec::CodecSpec update_codec,
-                            codec::ParseCodec(task.codec()));
+  FEDSLICE_ASSIGN_OR_RETURN(codec::CodecSpec update_codec, codec::ParseCodec(task.codec()));
 
   const std::vector<float> global(model_->params().begin(), model_->params().end());
   TrainConfig config;
@@ -59,9 +57,9 @@ Result<proto::FitResult> LocalTrainer::Fit(const proto::FitTask& task) {
   config.weight_decay = task.weight_decay();
   config.prox_mu = task.prox_mu();
   config.seed = task.seed();
-  auto stats = fedslice::Train(*model_, train_, config,
-                               config.prox_mu > 0 ? std::span<const float>(global)
-                                                  : std::span<const float>());
+  auto stats = fedslice::Train(
+      *model_, train_, config,
+      config.prox_mu > 0 ? std::span<const float>(global) : std::span<const float>());
   if (!stats.ok()) return stats.status().WithContext("local training");
 
   // The update is the change the client made: local weights minus the weights it received.

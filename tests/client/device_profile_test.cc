@@ -2,10 +2,10 @@
 
 #include <gtest/gtest.h>
 
-#include "fedslice/slicing/cost.h"
-
+#include <filesystem>
 #include <fstream>
 
+#include "fedslice/slicing/cost.h"
 #include "testing/test_util.h"
 
 namespace fedslice::client {
@@ -36,6 +36,39 @@ TEST(DeviceProfileTest, MalformedOrMissingMeminfoIsAnError) {
   EXPECT_EQ(AvailableMemoryBytes(garbage.string()).status().code(), Status::Code::kCorruption);
   EXPECT_EQ(AvailableMemoryBytes((dir.path() / "absent").string()).status().code(),
             Status::Code::kNotFound);
+}
+
+TEST(DeviceProfileTest, ReadsTheCgroupCpuQuota) {
+  testing::TempDir v2;
+  std::ofstream(v2.path() / "cpu.max") << "50000 100000\n";
+  auto cpus = CgroupCpuLimit(v2.path().string());
+  ASSERT_TRUE(cpus.ok()) << cpus.status().ToString();
+  EXPECT_DOUBLE_EQ(*cpus, 0.5);
+  std::ofstream(v2.path() / "cpu.max") << "max 100000\n";
+  EXPECT_EQ(CgroupCpuLimit(v2.path().string()).status().code(), Status::Code::kNotFound);
+  std::ofstream(v2.path() / "cpu.max") << "half 100000\n";
+  EXPECT_EQ(CgroupCpuLimit(v2.path().string()).status().code(), Status::Code::kCorruption);
+
+  testing::TempDir v1;
+  std::filesystem::create_directories(v1.path() / "cpu");
+  std::ofstream(v1.path() / "cpu" / "cpu.cfs_quota_us") << "150000\n";
+  std::ofstream(v1.path() / "cpu" / "cpu.cfs_period_us") << "100000\n";
+  cpus = CgroupCpuLimit(v1.path().string());
+  ASSERT_TRUE(cpus.ok()) << cpus.status().ToString();
+  EXPECT_DOUBLE_EQ(*cpus, 1.5);
+  std::ofstream(v1.path() / "cpu" / "cpu.cfs_quota_us") << "-1\n";
+  EXPECT_EQ(CgroupCpuLimit(v1.path().string()).status().code(), Status::Code::kNotFound);
+  std::ofstream(v1.path() / "cpu" / "cpu.cfs_quota_us") << "100000\n";
+  std::ofstream(v1.path() / "cpu" / "cpu.cfs_period_us") << "0\n";
+  EXPECT_EQ(CgroupCpuLimit(v1.path().string()).status().code(), Status::Code::kCorruption);
+
+  testing::TempDir none;
+  EXPECT_EQ(CgroupCpuLimit(none.path().string()).status().code(), Status::Code::kNotFound);
+
+  EXPECT_DOUBLE_EQ(CpuQuotaSlowdown(1, 0.5), 2.0);
+  EXPECT_DOUBLE_EQ(CpuQuotaSlowdown(2, 1.5), 2.0 / 1.5);
+  EXPECT_DOUBLE_EQ(CpuQuotaSlowdown(1, 2.0), 1.0);  // more CPUs than threads: full speed
+  EXPECT_DOUBLE_EQ(CpuQuotaSlowdown(1, 0.0), 1.0);
 }
 
 TEST(DeviceProfileTest, ProfileCarriesBudgetSlowdownAndName) {

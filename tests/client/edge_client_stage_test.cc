@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <fstream>
 #include <random>
 #include <thread>
 
@@ -18,6 +19,7 @@
 #include "fedslice/slicing/chain.h"
 #include "fedslice/slicing/pipeline.h"
 #include "testing/net_fixture.h"
+#include "testing/test_util.h"
 
 namespace fedslice::client {
 namespace {
@@ -205,6 +207,12 @@ TEST_F(EdgeClientStageTest, ReportsTimingsHostsTheAssignedSliceAndReleasesIt) {
   LocalTrainer trainer(SyntheticData(16), std::nullopt);
   EdgeClientOptions options = Options(server->port(), true);
   options.slowdown = 2.0;
+  // A container limited to 0.5 CPU, the stage computing on one engine thread: the profile
+  // says 2 x 2 = 4 times slower than the timings.
+  testing::TempDir cgroup;
+  std::ofstream(cgroup.path() / "cpu.max") << "50000 100000\n";
+  options.cgroup_root = cgroup.path().string();
+  options.stage->engine_threads = 1;
   EdgeClient client(options, trainer);
   Running running;
   Start(client, running);
@@ -224,7 +232,7 @@ TEST_F(EdgeClientStageTest, ReportsTimingsHostsTheAssignedSliceAndReleasesIt) {
     EXPECT_EQ(profile.layer_timings(i).layer_index(), static_cast<uint32_t>(i));
     EXPECT_GT(profile.layer_timings(i).forward_ms_per_sample(), 0.0);
   }
-  EXPECT_EQ(profile.slowdown(), 2.0);
+  EXPECT_EQ(profile.slowdown(), 4.0);
   EXPECT_GT(profile.flops(), 0.0);
 
   ASSERT_TRUE((*open)->Send(Assign()).ok());

@@ -20,6 +20,20 @@ namespace fedslice::client {
 // or has no parseable MemAvailable line (non-Linux systems, restricted containers).
 Result<uint64_t> AvailableMemoryBytes(const std::string& meminfo_path = "/proc/meminfo");
 
+// CPUs this process may use under a CFS quota (Docker --cpus, Kubernetes limits): quota /
+// period from cgroup v2 `<root>/cpu.max` or cgroup v1 `<root>/cpu/cpu.cfs_quota_us` and
+// `cpu.cfs_period_us` (also under `cpu,cpuacct/`). kNotFound when there is no quota (no file,
+// "max", -1); kCorruption when a file holds something else.
+Result<double> CgroupCpuLimit(const std::string& cgroup_root = "/sys/fs/cgroup");
+
+// How much slower than its layer timings this device runs its `threads` engine threads under
+// a CPU quota of `cpus` (from CgroupCpuLimit): threads / cpus when that is > 1, else 1. A
+// client times its layers in bursts far shorter than the quota's period (100 ms), so the
+// timings do not show the quota; a container limited to 0.5 CPU runs a stage at half the speed
+// they say. The client reports this factor times its emulation factor as
+// DeviceProfile.slowdown, which the planner multiplies its timings by.
+double CpuQuotaSlowdown(int threads, double cpus);
+
 struct DeviceProfileOptions {
   // What FedSlice may use; unset: the device's available memory (0 if it cannot be read).
   std::optional<uint64_t> memory_budget_bytes;

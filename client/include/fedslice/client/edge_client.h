@@ -94,6 +94,10 @@ struct EdgeClientOptions {
   // client waits (slowdown - 1) * t more before answering, and a hosted pipeline stage does
   // the same per micro-batch. For tests and demos of stragglers and pipelines.
   double slowdown = 1.0;
+  // Where the CPU quota is read from (CgroupCpuLimit, device_profile.h): the ProfileUpdate's
+  // slowdown is `slowdown` times CpuQuotaSlowdown(engine threads, quota), so that a container
+  // limited to 0.5 CPU is planned as the half-speed device it is.
+  std::string cgroup_root = "/sys/fs/cgroup";
 
   // Pipeline stage hosting. Unset (default): no stage server, Hello has no stage_endpoint,
   // no ProfileUpdate is sent, and a SliceAssign is answered with SliceReady{ok = false}.
@@ -140,8 +144,8 @@ class EdgeClient {
   enum class SessionEnd { kRunComplete, kRetry, kFatal, kStopped };
   struct Outcome {
     SessionEnd end = SessionEnd::kRetry;
-    Status status;               // why (kRetry, kFatal)
-    bool registered = false;     // a Welcome arrived in this session
+    Status status;            // why (kRetry, kFatal)
+    bool registered = false;  // a Welcome arrived in this session
     std::chrono::milliseconds retry_after{0};
   };
 
