@@ -32,8 +32,8 @@ Outcome RunPlan(const std::vector<std::string>& args) {
 
 TEST(PlanCliTest, PrintsATableWithOneRowPerSliceAndThePredictedThroughput) {
   // The FLOPs model (no --profile) makes the plan independent of this machine's load.
-  Outcome out = RunPlan({"plan", "--model", "cnn", "--devices", "3", "--slowdown", "4",
-                         "--gflops", "20", "--micro-batch", "64"});
+  Outcome out = RunPlan({"plan", "--model", "cnn", "--devices", "3", "--slowdown", "4", "--gflops",
+                         "20", "--micro-batch", "64"});
   ASSERT_TRUE(out.status.success()) << out.output;
   // Three slices covering layers 0..9 contiguously, one per device.
   EXPECT_TRUE(std::regex_search(out.output, std::regex(R"(\n\s+1\s+0-\d)"))) << out.output;
@@ -43,9 +43,23 @@ TEST(PlanCliTest, PrintsATableWithOneRowPerSliceAndThePredictedThroughput) {
   EXPECT_NE(out.output.find("bottleneck"), std::string::npos) << out.output;
 }
 
+// --split-layers plans units, as the coordinator does: the cnn's conv2 (~80% of its FLOPs)
+// is cut, and a 4-device plan puts stage boundaries inside it.
+TEST(PlanCliTest, SplitLayersPlansPartsOfHeavyLayers) {
+  Outcome out = RunPlan({"plan", "--model", "cnn", "--devices", "4", "--slowdown", "4", "--gflops",
+                         "20", "--micro-batch", "64", "--split-layers"});
+  ASSERT_TRUE(out.status.success()) << out.output;
+  EXPECT_TRUE(std::regex_search(out.output, std::regex(R"(\n\s+4\s+\d+-\d+ \(conv2\[\d+/)")))
+      << out.output;
+  Outcome whole = RunPlan({"plan", "--model", "cnn", "--devices", "4", "--slowdown", "4",
+                           "--gflops", "20", "--micro-batch", "64"});
+  ASSERT_TRUE(whole.status.success()) << whole.output;
+  EXPECT_EQ(whole.output.find("conv2["), std::string::npos) << whole.output;
+}
+
 TEST(PlanCliTest, PlanThatCannotFitIsRefusedWithTheReason) {
-  Outcome out = RunPlan({"plan", "--model", "cnn", "--device", "name=a,memory=1MB", "--device",
-                         "name=b,memory=1MB"});
+  Outcome out = RunPlan(
+      {"plan", "--model", "cnn", "--device", "name=a,memory=1MB", "--device", "name=b,memory=1MB"});
   ASSERT_TRUE(out.status.exited);
   EXPECT_EQ(out.status.code, 1) << out.output;
   EXPECT_NE(out.output.find("fits no device"), std::string::npos) << out.output;

@@ -12,6 +12,7 @@
 #include "fedslice/common/model_io.h"
 #include "fedslice/common/model_zoo.h"
 #include "fedslice/common/threading.h"
+#include "fedslice/slicing/chain.h"
 #include "fedslice/slicing/cost.h"
 #include "fedslice/slicing/planner.h"
 
@@ -45,10 +46,13 @@ Result<double> ParseQuantity(const std::string& what, const std::string& text,
   return Status::InvalidArgument(what + ": unknown unit in '" + text + "' (use " + known + ")");
 }
 
-const std::vector<std::pair<std::string, double>> kByteUnits = {
-    {"B", 1},          {"KB", 1024},          {"MB", 1024.0 * 1024},
-    {"GB", 1024.0 * 1024 * 1024}, {"KiB", 1024}, {"MiB", 1024.0 * 1024},
-    {"GiB", 1024.0 * 1024 * 1024}};
+const std::vector<std::pair<std::string, double>> kByteUnits = {{"B", 1},
+                                                                {"KB", 1024},
+                                                                {"MB", 1024.0 * 1024},
+                                                                {"GB", 1024.0 * 1024 * 1024},
+                                                                {"KiB", 1024},
+                                                                {"MiB", 1024.0 * 1024},
+                                                                {"GiB", 1024.0 * 1024 * 1024}};
 
 Result<double> ParseBytes(const std::string& what, const std::string& text) {
   return ParseQuantity(what, text, kByteUnits);
@@ -125,38 +129,40 @@ int RunPlan(int argc, char** argv) {
   double slowdown = 1.0;
   std::string memory = "0B", bandwidth = "1GB/s", latency = "0.2ms";
   std::optional<double> gflops;
-  bool profile = false;
+  bool profile = false, split_layers = false;
   po::options_description options;
-  options.add_options()
-      ("model", po::value(&model_name), "built-in model: mlp | cnn")
-      ("model-file", po::value(&model_file), "a saved model file (spec + weights)")
-      ("device", po::value(&device_texts)->composing(),
-       "a device, repeatable, in pipeline-candidate order: name=a,slowdown=4,memory=64MB,"
-       "bandwidth=1GB/s,latency=0.2ms,gflops=20,threads=1,overhead=0.1ms (unset keys take "
-       "the defaults below)")
-      ("devices", po::value(&num_devices), "K identical devices (instead of --device)")
-      ("slowdown", po::value(&slowdown)->default_value(1.0, "1"),
-       "default emulation factor: a device N times slower than this host")
-      ("memory", po::value(&memory)->default_value("0B"),
-       "default memory budget per device (0 = no limit), e.g. 64MB")
-      ("bandwidth", po::value(&bandwidth)->default_value("1GB/s"),
-       "default link bandwidth to the next stage")
-      ("latency", po::value(&latency)->default_value("0.2ms"), "default link latency")
-      ("gflops", po::value<double>()->notifier([&](double g) { gflops = g; }),
-       "default device speed for the FLOPs model (default: this host's GEMM rate / slowdown)")
-      ("micro-batch", po::value(&micro_batch)->default_value(64), "samples per micro-batch")
-      ("profile", po::bool_switch(&profile),
-       "time each layer on this host (scaled by each device's slowdown) instead of FLOPs")
-      ("order", po::value(&order)->default_value("any"),
-       "any: the planner picks devices and their order | given: keep the --device order")
-      ("in-flight", po::value(&in_flight)->default_value(2),
-       "micro-batches a stage buffers per direction (memory model)")
-      ("threads", po::value(&threads)->default_value(0),
-       "engine threads of this host for --profile and the FLOPS measurement (0 = all cores)");
+  options.add_options()("model", po::value(&model_name), "built-in model: mlp | cnn")(
+      "model-file", po::value(&model_file), "a saved model file (spec + weights)")(
+      "device", po::value(&device_texts)->composing(),
+      "a device, repeatable, in pipeline-candidate order: name=a,slowdown=4,memory=64MB,"
+      "bandwidth=1GB/s,latency=0.2ms,gflops=20,threads=1,overhead=0.1ms (unset keys take "
+      "the defaults below)")("devices", po::value(&num_devices),
+                             "K identical devices (instead of --device)")(
+      "slowdown", po::value(&slowdown)->default_value(1.0, "1"),
+      "default emulation factor: a device N times slower than this host")(
+      "memory", po::value(&memory)->default_value("0B"),
+      "default memory budget per device (0 = no limit), e.g. 64MB")(
+      "bandwidth", po::value(&bandwidth)->default_value("1GB/s"),
+      "default link bandwidth to the next stage")(
+      "latency", po::value(&latency)->default_value("0.2ms"), "default link latency")(
+      "gflops", po::value<double>()->notifier([&](double g) { gflops = g; }),
+      "default device speed for the FLOPs model (default: this host's GEMM rate / slowdown)")(
+      "micro-batch", po::value(&micro_batch)->default_value(64), "samples per micro-batch")(
+      "profile", po::bool_switch(&profile),
+      "time each layer on this host (scaled by each device's slowdown) instead of FLOPs")(
+      "split-layers", po::bool_switch(&split_layers),
+      "let the planner cut heavy layers into parts, as the coordinator does for split "
+      "inference (slicing/chain.h); the table then lists units such as conv2[3/14]")(
+      "order", po::value(&order)->default_value("any"),
+      "any: the planner picks devices and their order | given: keep the --device order")(
+      "in-flight", po::value(&in_flight)->default_value(2),
+      "micro-batches a stage buffers per direction (memory model)")(
+      "threads", po::value(&threads)->default_value(0),
+      "engine threads of this host for --profile and the FLOPS measurement (0 = all cores)");
   int exit_code = kExitOk;
   auto vm = ParseOrExit(command,
                         "--model mlp|cnn | --model-file F  (--device SPEC ... | --devices K) "
-                        "[--slowdown N] [--micro-batch M] [--profile]",
+                        "[--slowdown N] [--micro-batch M] [--profile] [--split-layers]",
                         options, argc, argv, &exit_code);
   if (!vm) return exit_code;
   auto usage = [&](const std::string& message) {
@@ -267,8 +273,8 @@ int RunPlan(int argc, char** argv) {
     p.set_num_threads(static_cast<uint32_t>(f.threads.value_or(NumThreads())));
     for (const auto& t : timings) *p.add_layer_timings() = t;
     // latency=0 must stay 0, not fall back to a default: pass this device's own figures.
-    auto d = slicing::DeviceFromProfile(
-        p, costs, slicing::LinkDefaults{*f.bandwidth, *f.latency_ms});
+    auto d =
+        slicing::DeviceFromProfile(p, costs, slicing::LinkDefaults{*f.bandwidth, *f.latency_ms});
     if (!d.ok()) return usage(d.status().message());
     d->overhead_ms = f.overhead_ms.value_or(0);
     devices.push_back(std::move(d).value());
@@ -283,8 +289,7 @@ int RunPlan(int argc, char** argv) {
   std::printf("model %s: %d layers, %s of parameters; %zu devices; times from %s\n",
               model->spec().name().c_str(), model->num_layers(),
               slicing::FormatBytes(static_cast<double>(params)).c_str(), devices.size(),
-              profile ? "layer timings measured on this host x slowdown"
-                      : "FLOPs / device GFLOPS");
+              profile ? "layer timings measured on this host x slowdown" : "FLOPs / device GFLOPS");
   for (const DeviceFlags& f : flags) {
     char speed[64] = "layer times measured";
     if (!profile) {
@@ -296,12 +301,29 @@ int RunPlan(int argc, char** argv) {
                 *f.memory == 0 ? "no limit" : slicing::FormatBytes(*f.memory).c_str(),
                 slicing::FormatBytes(*f.bandwidth).c_str(), *f.latency_ms);
   }
-  auto plan = slicing::PlanPipeline(costs, devices, plan_options);
+  // With --split-layers the planner places units, as the coordinator's pipeline service does:
+  // heavy layers cut for up to as many stages as there are devices (AutoSplit), each unit
+  // timed as its share of its layer, plus the join a stage beginning inside a cut layer pays.
+  std::vector<slicing::LayerCost> planned = costs;
+  if (split_layers) {
+    auto chain = slicing::Chain::Create(
+        model->spec(), slicing::AutoSplit(model->spec(), costs, static_cast<int>(devices.size())));
+    if (!chain.ok()) {
+      PrintError(command, "cannot cut the model: " + chain.status().ToString());
+      return kExitFailure;
+    }
+    planned = chain->UnitCosts(costs);
+    for (slicing::Device& d : devices) {
+      d.layer_ms_per_sample = chain->UnitTimes(d.layer_ms_per_sample);
+      d.entry_ms_per_sample = chain->UnitEntryTimes(d.layer_join_ms_per_sample);
+    }
+  }
+  auto plan = slicing::PlanPipeline(planned, devices, plan_options);
   if (!plan.ok()) {
     PrintError(command, plan.status().ToString());
     return plan.status().code() == Status::Code::kInvalidArgument ? kExitUsage : kExitFailure;
   }
-  std::printf("\n%s", slicing::FormatPlan(*plan, costs).c_str());
+  std::printf("\n%s", slicing::FormatPlan(*plan, planned).c_str());
   return kExitOk;
 }
 
