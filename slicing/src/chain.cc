@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <ctime>
+#include <optional>
 
 #include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/threading.h"
@@ -39,21 +40,6 @@ proto::LayerSpec DensePartSpec(const proto::LayerSpec& layer, int64_t count) {
   proto::LayerSpec part = layer;
   part.mutable_dense()->set_out_features(static_cast<int32_t>(count));
   return part;
-}
-
-// The input rows a conv2d band of output rows [r0, r1) reads, counted from row
-// r0 * stride - padding (rows outside the image are the zero padding).
-int64_t BandInputRows(const proto::Conv2DSpec& conv, int64_t r0, int64_t r1) {
-  const int64_t stride = conv.stride() == 0 ? 1 : conv.stride();
-  return (r1 - r0 - 1) * stride + conv.kernel();
-}
-
-// A conv2d layer computing output rows [r0, r1) of `layer` from the band of its input they
-// read, given explicitly padded ({c, BandInputRows, w + 2 * padding}, no padding of its own).
-proto::LayerSpec BandSpec(const proto::LayerSpec& layer) {
-  proto::LayerSpec band = layer;
-  band.mutable_conv2d()->set_padding(0);
-  return band;
 }
 
 std::vector<int64_t> WithBatch(int64_t batch, const std::vector<int64_t>& shape) {
@@ -420,9 +406,32 @@ struct StageExecutor::Impl {
     RowMajorMatrix cols, product;  // conv2d bands (BandConvForward)
   };
   std::vector<UnitParams> params;
-  std::vector<proto::LayerSpec> unit_specs;
-  std::vector<std::vector<int64_t>> unit_inputs;  // the sample shape each unit's layer takes
+  // The layer each unit runs, with the sample shape it takes; none for a conv2d band
+  // (BandConvForward reads its weights from `params`) and for the later parts of a group.
+  std::vector<std::optional<proto::LayerSpec>> unit_specs;
+  std::vector<std::vector<int64_t>> unit_inputs;
   std::vector<Worker> workers;
+
+  // A worker with its own layers for units [begin, end); InvalidArgument for a bad spec.
+  Result<Worker> NewWorker(const Chain& chain, int begin, int end) {
+    Worker w;
+    for (int u = begin; u < end; ++u) {
+      const auto k = static_cast<size_t>(u - begin);
+      if (!unit_specs[k]) {
+        w.layers.emplace_back();
+        continue;
+      }
+      FEDSLICE_ASSIGN_OR_RETURN(std::unique_ptr<Layer> layer,
+                                CreateLayer(*unit_specs[k], unit_inputs[k], chain.unit(u).layer));
+      // Inference never writes gradients; the parameter pointer doubles as the gradient one
+      // so that no gradient buffer is allocated.
+      float* p = params[k].data();
+      layer->BindParams(p, p);
+      w.layers.push_back(std::move(layer));
+    }
+    w.acts.resize(static_cast<size_t>(end - begin));
+    return w;
+  }
   // The message form's decoded input and result, kept from batch to batch: fresh buffers of
   // a few megabytes each time cost page faults worth a good part of a small slice's compute.
   Tensor msg_in, msg_carry, msg_out, msg_out_carry;
@@ -464,18 +473,15 @@ Result<std::unique_ptr<StageExecutor>> StageExecutor::Create(const Chain& chain,
     // Where the weights sit in the model's flat buffer (for their alignment).
     int64_t model_offset = chain.LayerParamOffset(unit.layer);
     Impl::UnitParams p;
-    proto::LayerSpec spec = layer_spec;
-    std::vector<int64_t> input_shape = chain.MainShape(u);
+    std::optional<proto::LayerSpec> spec = layer_spec;
     if (unit.parts > 1 && layer_spec.has_conv2d()) {
-      // Output rows [out_begin(u), out_end(last)) from the band of input rows they read.
-      const auto& conv = layer_spec.conv2d();
+      // Output rows [out_begin(u), out_end(last)): BandConvForward, with the whole layer's
+      // weights.
       p.pad = model_offset % kAlignFloats;
       p.buffer.assign(static_cast<size_t>(p.pad + count), 0.0f);
       std::copy_n(packed.data() + at, count, p.data());
       at += count;
-      spec = BandSpec(layer_spec);
-      input_shape = {input_shape[0], BandInputRows(conv, unit.out_begin, chain.unit(last).out_end),
-                     input_shape[2] + 2 * conv.padding()};
+      spec.reset();
     } else if (unit.parts > 1) {
       const int64_t outputs = chain.unit(last).out_end - unit.out_begin;
       const int64_t fan_in = count / outputs - 1;  // weights per output; then one bias
@@ -501,7 +507,7 @@ Result<std::unique_ptr<StageExecutor>> StageExecutor::Create(const Chain& chain,
     }
     impl.params.push_back(std::move(p));
     impl.unit_specs.push_back(std::move(spec));
-    impl.unit_inputs.push_back(std::move(input_shape));
+    impl.unit_inputs.push_back(chain.MainShape(u));
     for (int v = u + 1; v <= last; ++v) {
       impl.params.emplace_back();
       impl.unit_specs.emplace_back();
@@ -510,23 +516,7 @@ Result<std::unique_ptr<StageExecutor>> StageExecutor::Create(const Chain& chain,
     u = last + 1;
   }
   // Build worker 0 now so that spec problems surface here, not in Run.
-  Impl::Worker w;
-  for (int u = begin; u < end; ++u) {
-    if (impl.params[static_cast<size_t>(u - begin)].buffer.empty()) {
-      w.layers.emplace_back();  // joined into the layer of its group's first part
-      continue;
-    }
-    FEDSLICE_ASSIGN_OR_RETURN(
-        std::unique_ptr<Layer> layer,
-        CreateLayer(impl.unit_specs[static_cast<size_t>(u - begin)],
-                    impl.unit_inputs[static_cast<size_t>(u - begin)], chain.unit(u).layer));
-    // Inference never writes gradients; the parameter pointer doubles as the gradient one so
-    // that no gradient buffer is allocated.
-    float* p = impl.params[static_cast<size_t>(u - begin)].data();
-    layer->BindParams(p, p);
-    w.layers.push_back(std::move(layer));
-  }
-  w.acts.resize(static_cast<size_t>(end - begin));
+  FEDSLICE_ASSIGN_OR_RETURN(Impl::Worker w, impl.NewWorker(chain, begin, end));
   impl.workers.push_back(std::move(w));
   return ex;
 }
@@ -563,20 +553,7 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
   // unit on its rows; one worker lets the layers parallelise internally.
   const int workers = static_cast<int>(std::min<int64_t>(NumThreads(), batch));
   while (static_cast<int>(impl.workers.size()) < std::max(workers, 1)) {
-    Impl::Worker w;
-    for (int u = begin_; u < end_; ++u) {
-      if (impl.params[static_cast<size_t>(u - begin_)].buffer.empty()) {
-        w.layers.emplace_back();
-        continue;
-      }
-      auto layer =
-          CreateLayer(impl.unit_specs[static_cast<size_t>(u - begin_)],
-                      impl.unit_inputs[static_cast<size_t>(u - begin_)], chain_.unit(u).layer);
-      float* p = impl.params[static_cast<size_t>(u - begin_)].data();
-      (*layer)->BindParams(p, p);
-      w.layers.push_back(std::move(*layer));
-    }
-    w.acts.resize(static_cast<size_t>(end_ - begin_));
+    FEDSLICE_ASSIGN_OR_RETURN(Impl::Worker w, impl.NewWorker(chain_, begin_, end_));
     impl.workers.push_back(std::move(w));
   }
   out->Resize(WithBatch(batch, chain_.MainShape(end_)));
@@ -590,6 +567,7 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
   // Runs every unit on rows [n0, n1) of worker `t`; the results land in its out/out_carry.
   auto run_rows = [&](Impl::Worker& w, const Tensor& rows_in, const Tensor* rows_carry) {
     const Tensor* cur = &rows_in;
+    Tensor* cur_act = nullptr;  // cur when it is one of w.acts (ours to swap away), else null
     const int64_t rows = rows_in.batch();
     int u = begin_;
     while (u < end_) {
@@ -597,7 +575,7 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
       const size_t k = static_cast<size_t>(u - begin_);
       if (unit.parts == 1) {
         w.layers[k]->Forward(*cur, &w.acts[k], false);
-        cur = &w.acts[k];
+        cur = cur_act = &w.acts[k];
         ++u;
         continue;
       }
@@ -634,21 +612,21 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
         // compute time.) An input that passes through untouched is copied only when the
         // caller needs it (the message form forwards the encoded bytes instead).
         std::swap(w.out_carry, w.combined);
-        if (cur == &rows_in) {
-          if (copy_passthrough) w.out = rows_in;
-        } else {
-          std::swap(w.out, *const_cast<Tensor*>(cur));
+        if (cur_act != nullptr) {
+          std::swap(w.out, *cur_act);
+        } else if (copy_passthrough) {
+          w.out = rows_in;
         }
         return;
       }
       std::swap(w.acts[static_cast<size_t>(last - begin_)], w.combined);
-      cur = &w.acts[static_cast<size_t>(last - begin_)];
+      cur = cur_act = &w.acts[static_cast<size_t>(last - begin_)];
       u = last + 1;
     }
-    if (cur == &rows_in) {
-      w.out = rows_in;
+    if (cur_act != nullptr) {
+      std::swap(w.out, *cur_act);
     } else {
-      std::swap(w.out, *const_cast<Tensor*>(cur));
+      w.out = rows_in;
     }
   };
 
