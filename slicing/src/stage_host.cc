@@ -132,7 +132,7 @@ struct Slice {
     double held = 0;        // emulation: held beyond run_wall
     double input_wait = 0;  // queue empty, after the first batch
     double send_wait = 0;   // waiting for the destination or a send slot
-    double fastest = 0;     // emulation: the lowest layer time of a batch so far (seconds)
+    double fastest = 0;     // the lowest layer time of a batch so far (what emulation holds to)
   } timing;
 };
 
@@ -627,6 +627,8 @@ void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item)
     ++s->timing.batches;
     s->timing.layers_cpu += compute.cpu_seconds;
     s->timing.run_wall += std::chrono::duration<double>(took).count();
+    const double work = single_threaded ? compute.cpu_seconds : compute.wall_seconds;
+    if (s->timing.fastest <= 0 || work < s->timing.fastest) s->timing.fastest = work;
     if (options.slowdown > 1.0) {
       // Emulation of a device `slowdown` times slower: it would still be computing. The
       // layers' time is scaled (not decoding/encoding the activations: the planner models
@@ -640,11 +642,8 @@ void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item)
       // single-thread forward pass use 23% more CPU time — shared core or cache). The
       // minimum is the slice's speed without them; the 1-stage baseline is measured the
       // same way.
-      double work = single_threaded ? compute.cpu_seconds : compute.wall_seconds;
-      if (s->timing.fastest <= 0 || work < s->timing.fastest) s->timing.fastest = work;
-      work = s->timing.fastest;
       const auto device = std::chrono::duration_cast<Clock::duration>(
-          std::chrono::duration<double>(work * options.slowdown));
+          std::chrono::duration<double>(s->timing.fastest * options.slowdown));
       if (device > took) cv.wait_for(lock, device - took, [&] { return stop || s->released; });
       s->timing.held += std::chrono::duration<double>(Clock::now() - start - took).count();
     }
