@@ -31,18 +31,11 @@ clients=4
 out=$root/out/pipeline-bench
 data=$root/data/mnist-10k
 
-for bin in "$build/coordinator/fedslice-coordinator" "$build/client/fedslice-client" \
-           "$build/tools/fedslice"; do
-  [[ -x "$bin" ]] || { echo "missing $bin: run scripts/build.sh first" >&2; exit 1; }
-done
+# shellcheck source=SCRIPTDIR/../scripts/lib/local_processes.sh
+source "$root/scripts/lib/local_processes.sh"
+require_executables "$build/coordinator/fedslice-coordinator" "$build/client/fedslice-client" \
+  "$build/tools/fedslice"
 [[ -d "$data" ]] || { echo "missing $data: run scripts/fetch_mnist.sh first" >&2; exit 1; }
-
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
 
 mkdir -p "$out/logs"
 rm -rf "$out/run"
@@ -53,29 +46,20 @@ if [[ ! -f "$out/cnn.pb" ]]; then
     --momentum 0.9 --out "$out/cnn.pb" >"$out/logs/train.log" 2>&1
 fi
 
-"$build/coordinator/fedslice-coordinator" \
+rm -f "$out/port"
+start_background "$out/logs/coordinator.log" "$build/coordinator/fedslice-coordinator" \
   --ca "$out/certs/ca.pem" --cert "$out/certs/coordinator.pem" --key "$out/certs/coordinator.key" \
   --bind 127.0.0.1 --port 0 --port-file "$out/port" --data "$data" --rounds 0 --serve \
-  --init-model "$out/cnn.pb" --min-available 1 --min-fit 1 --out-dir "$out/run" --threads 1 \
-  >"$out/logs/coordinator.log" 2>&1 &
-pids+=("$!")
-rm -f "$out/port"
-for _ in $(seq 100); do [[ -s "$out/port" ]] && break; sleep 0.1; done
-[[ -s "$out/port" ]] || { echo "coordinator did not start" >&2; cat "$out/logs/coordinator.log" >&2; exit 1; }
-port=$(cat "$out/port")
+  --init-model "$out/cnn.pb" --min-available 1 --min-fit 1 --out-dir "$out/run" --threads 1
+port=$(wait_for_port "$out/port" "$out/logs/coordinator.log")
 
 for i in $(seq 0 $((clients - 1))); do
-  "$build/client/fedslice-client" --coordinator "127.0.0.1:$port" \
+  start_background "$out/logs/client-$i.log" "$build/client/fedslice-client" \
+    --coordinator "127.0.0.1:$port" \
     --ca "$out/certs/ca.pem" --cert "$out/certs/client-$i.pem" --key "$out/certs/client-$i.key" \
     --data "$data" --partition iid --index "$i" --count "$clients" --threads 1 \
-    --stage-port 0 --slowdown "$slowdown" --device-name "edge-$i" >"$out/logs/client-$i.log" 2>&1 &
-  pids+=("$!")
-  for _ in $(seq 300); do
-    n=$(grep -c "updated its device profile" "$out/logs/coordinator.log" || true)
-    (( n > i )) && break
-    sleep 0.2
-  done
-  (( n > i )) || { echo "client $i did not report its profile" >&2; tail "$out/logs/client-$i.log" >&2; exit 1; }
+    --stage-port 0 --slowdown "$slowdown" --device-name "edge-$i"
+  wait_for_profiles $((i + 1)) "$out/logs/coordinator.log" "$out/logs/client-$i.log"
 done
 
 echo "cnn, $images images x $repeat, micro-batch $micro, $activations activations, devices ${slowdown}x slower than this host ($(nproc) cores)"

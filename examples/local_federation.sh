@@ -17,42 +17,32 @@ clients=4
 out=$root/out/local-federation
 data=$root/data/mnist-10k
 
-for bin in "$build/coordinator/fedslice-coordinator" "$build/client/fedslice-client"; do
-  [[ -x "$bin" ]] || { echo "missing $bin: run scripts/build.sh first" >&2; exit 1; }
-done
-
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
+# shellcheck source=SCRIPTDIR/../scripts/lib/local_processes.sh
+source "$root/scripts/lib/local_processes.sh"
+require_executables "$build/coordinator/fedslice-coordinator" "$build/client/fedslice-client"
 
 rm -rf "$out/run"
 mkdir -p "$out/logs"
 bash "$root/scripts/make_certs.sh" "$out/certs" "$clients" >/dev/null
 
-"$build/coordinator/fedslice-coordinator" \
+rm -f "$out/port"
+start_background "$out/logs/coordinator.log" "$build/coordinator/fedslice-coordinator" \
   --ca "$out/certs/ca.pem" --cert "$out/certs/coordinator.pem" --key "$out/certs/coordinator.key" \
   --bind 127.0.0.1 --port 0 --port-file "$out/port" \
   --model "$model" --data "$data" --rounds "$rounds" --fraction 1 --min-fit 3 \
   --min-available "$clients" --epochs 1 --batch 10 --lr 0.05 --round-deadline-ms 120000 \
-  --out-dir "$out/run" --save-model "$out/global.pb" >"$out/logs/coordinator.log" 2>&1 &
-coordinator=$!
-pids+=("$coordinator")
-rm -f "$out/port"
-for _ in $(seq 100); do [[ -s "$out/port" ]] && break; sleep 0.1; done
-[[ -s "$out/port" ]] || { echo "coordinator did not start:" >&2; cat "$out/logs/coordinator.log" >&2; exit 1; }
-port=$(cat "$out/port")
+  --out-dir "$out/run" --save-model "$out/global.pb"
+coordinator=${pids[-1]}
+port=$(wait_for_port "$out/port" "$out/logs/coordinator.log")
 echo "coordinator on 127.0.0.1:$port; starting $clients clients"
 
 threads=$(( $(nproc) / clients )); (( threads >= 1 )) || threads=1
 for i in $(seq 0 $((clients - 1))); do
-  "$build/client/fedslice-client" --coordinator "127.0.0.1:$port" \
+  start_background "$out/logs/client-$i.log" "$build/client/fedslice-client" \
+    --coordinator "127.0.0.1:$port" \
     --ca "$out/certs/ca.pem" --cert "$out/certs/client-$i.pem" --key "$out/certs/client-$i.key" \
     --data "$data" --partition iid --partition-seed 1 --index "$i" --count "$clients" \
-    --threads "$threads" >"$out/logs/client-$i.log" 2>&1 &
-  pids+=("$!")
+    --threads "$threads"
 done
 
 if ! wait "$coordinator"; then

@@ -28,21 +28,14 @@ data=$root/data/mnist-10k
 slowdown=${FEDSLICE_SLOWDOWN:-1}
 activations=${FEDSLICE_ACTIVATIONS:-fp32}
 
-for bin in "$build/coordinator/fedslice-coordinator" "$build/client/fedslice-client" \
-           "$build/tools/fedslice"; do
-  [[ -x "$bin" ]] || { echo "missing $bin: run scripts/build.sh first" >&2; exit 1; }
-done
+# shellcheck source=SCRIPTDIR/../scripts/lib/local_processes.sh
+source "$root/scripts/lib/local_processes.sh"
+require_executables "$build/coordinator/fedslice-coordinator" "$build/client/fedslice-client" \
+  "$build/tools/fedslice"
 if [[ -n "$model_file" && ! -f "$model_file" ]]; then
   echo "model file $model_file not found" >&2
   exit 1
 fi
-
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT INT TERM
 
 rm -rf "$out/run"
 mkdir -p "$out/logs"
@@ -57,35 +50,25 @@ else
             --lr 0.05)
   echo "training the mlp for 3 rounds first"
 fi
-"$build/coordinator/fedslice-coordinator" \
+rm -f "$out/port"
+start_background "$out/logs/coordinator.log" "$build/coordinator/fedslice-coordinator" \
   --ca "$out/certs/ca.pem" --cert "$out/certs/coordinator.pem" --key "$out/certs/coordinator.key" \
   --bind 127.0.0.1 --port 0 --port-file "$out/port" --data "$data" \
   --min-available "$clients" --round-deadline-ms 120000 --out-dir "$out/run" --serve \
-  "${training[@]}" >"$out/logs/coordinator.log" 2>&1 &
-pids+=("$!")
-rm -f "$out/port"
-for _ in $(seq 100); do [[ -s "$out/port" ]] && break; sleep 0.1; done
-[[ -s "$out/port" ]] || { echo "coordinator did not start:" >&2; cat "$out/logs/coordinator.log" >&2; exit 1; }
-port=$(cat "$out/port")
+  "${training[@]}"
+port=$(wait_for_port "$out/port" "$out/logs/coordinator.log")
 
 threads=1
 (( $(nproc) >= 2 * clients )) && threads=$(( $(nproc) / clients ))
 # Clients start one after the other: each measures its layer times (its device profile, which
 # the planner uses) while the others are idle.
-n=0
 for i in $(seq 0 $((clients - 1))); do
-  "$build/client/fedslice-client" --coordinator "127.0.0.1:$port" \
+  start_background "$out/logs/client-$i.log" "$build/client/fedslice-client" \
+    --coordinator "127.0.0.1:$port" \
     --ca "$out/certs/ca.pem" --cert "$out/certs/client-$i.pem" --key "$out/certs/client-$i.key" \
     --data "$data" --partition iid --partition-seed 1 --index "$i" --count "$clients" \
-    --threads "$threads" --stage-port 0 --slowdown "$slowdown" \
-    --device-name "edge-$i" >"$out/logs/client-$i.log" 2>&1 &
-  pids+=("$!")
-  for _ in $(seq 300); do
-    n=$(grep -c "updated its device profile" "$out/logs/coordinator.log" || true)
-    (( n > i )) && break
-    sleep 0.2
-  done
-  (( n > i )) || { echo "client $i did not report its profile:" >&2; tail -20 "$out/logs/client-$i.log" >&2; exit 1; }
+    --threads "$threads" --stage-port 0 --slowdown "$slowdown" --device-name "edge-$i"
+  wait_for_profiles $((i + 1)) "$out/logs/coordinator.log" "$out/logs/client-$i.log"
 done
 echo "coordinator on 127.0.0.1:$port; $clients clients hosting stages (slowdown $slowdown)"
 
