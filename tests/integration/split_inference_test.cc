@@ -286,7 +286,7 @@ TEST_F(SplitInferenceTest, CnnOverThreeClientsMatchesOneProcess) {
   EXPECT_FALSE(PlanCutsALayer(whole->plans[0]));
   EXPECT_EQ(MaxAbsDiff(whole->logits, expected.logits), 0.0);
 
-  // conv2 cut by output channel to balance the stages: within 1e-5, same predictions.
+  // conv2 cut into bands of output rows to balance the stages: within 1e-5, same predictions.
   options.split_layers = true;
   auto cut = requester->Run(TestImages(), options);
   ASSERT_TRUE(cut.ok()) << cut.status().ToString();
