@@ -132,15 +132,7 @@ class FederationTest : public ::testing::Test {
   }
 
   void TearDown() override {
-    if (!HasFailure()) return;
-    for (const fs::path& log : logs_) {
-      std::ifstream in(log);
-      std::stringstream text;
-      text << in.rdbuf();
-      std::string s = text.str();
-      if (s.size() > 6000) s = "...\n" + s.substr(s.size() - 6000);
-      std::printf("----- %s -----\n%s\n", log.filename().c_str(), s.c_str());
-    }
+    if (HasFailure()) testing::PrintLogTails(logs_, 6000);
   }
 
   fs::path Cert(const std::string& name, const char* ext) const {
@@ -151,16 +143,48 @@ class FederationTest : public ::testing::Test {
   std::unique_ptr<Subprocess> StartCoordinator(const fs::path& out_dir, const CoordinatorFlags& f,
                                                const std::string& log_name, uint16_t* port) {
     const fs::path port_file = work_.path() / (log_name + ".port");
-    std::vector<std::string> args = {
-        "--ca", Cert("ca", ".pem"), "--cert", Cert("coordinator", ".pem"), "--key",
-        Cert("coordinator", ".key"), "--bind", "127.0.0.1", "--port", std::to_string(f.port),
-        "--port-file", port_file.string(), "--model", "mlp", "--data", mnist_.string(),
-        "--rounds", std::to_string(f.rounds), "--fraction", std::to_string(f.fraction),
-        "--min-fit", std::to_string(f.min_fit), "--min-available",
-        std::to_string(f.min_available), "--epochs", "1", "--batch", "10", "--lr", "0.05",
-        "--seed", std::to_string(f.seed), "--round-deadline-ms", std::to_string(f.deadline_ms),
-        "--out-dir", out_dir.string(), "--threads", "1", "--heartbeat-ms", "1000",
-        "--idle-timeout-ms", "10000"};
+    std::vector<std::string> args = {"--ca",
+                                     Cert("ca", ".pem"),
+                                     "--cert",
+                                     Cert("coordinator", ".pem"),
+                                     "--key",
+                                     Cert("coordinator", ".key"),
+                                     "--bind",
+                                     "127.0.0.1",
+                                     "--port",
+                                     std::to_string(f.port),
+                                     "--port-file",
+                                     port_file.string(),
+                                     "--model",
+                                     "mlp",
+                                     "--data",
+                                     mnist_.string(),
+                                     "--rounds",
+                                     std::to_string(f.rounds),
+                                     "--fraction",
+                                     std::to_string(f.fraction),
+                                     "--min-fit",
+                                     std::to_string(f.min_fit),
+                                     "--min-available",
+                                     std::to_string(f.min_available),
+                                     "--epochs",
+                                     "1",
+                                     "--batch",
+                                     "10",
+                                     "--lr",
+                                     "0.05",
+                                     "--seed",
+                                     std::to_string(f.seed),
+                                     "--round-deadline-ms",
+                                     std::to_string(f.deadline_ms),
+                                     "--out-dir",
+                                     out_dir.string(),
+                                     "--threads",
+                                     "1",
+                                     "--heartbeat-ms",
+                                     "1000",
+                                     "--idle-timeout-ms",
+                                     "10000"};
     args.insert(args.end(), f.extra.begin(), f.extra.end());
     const fs::path log = work_.path() / (log_name + ".log");
     logs_.push_back(log);
@@ -185,11 +209,11 @@ class FederationTest : public ::testing::Test {
                                           const std::vector<std::string>& extra = {}) {
     const std::string name = coordinator::SimulatedClientId(index);
     std::vector<std::string> args = {
-        "--coordinator", "127.0.0.1:" + std::to_string(port), "--ca", Cert("ca", ".pem"),
-        "--cert", Cert(name, ".pem"), "--key", Cert(name, ".key"), "--data", mnist_.string(),
-        "--partition", "iid", "--partition-seed", "7", "--index", std::to_string(index),
-        "--count", std::to_string(count), "--threads", "1", "--heartbeat-ms", "1000",
-        "--idle-timeout-ms", "10000", "--backoff-initial-ms", "100", "--backoff-max-ms", "1000",
+        "--coordinator", "127.0.0.1:" + std::to_string(port), "--ca", Cert("ca", ".pem"), "--cert",
+        Cert(name, ".pem"), "--key", Cert(name, ".key"), "--data", mnist_.string(), "--partition",
+        "iid", "--partition-seed", "7", "--index", std::to_string(index), "--count",
+        std::to_string(count), "--threads", "1", "--heartbeat-ms", "1000", "--idle-timeout-ms",
+        "10000", "--backoff-initial-ms", "100", "--backoff-max-ms", "1000",
         // Bounds a broken test: a client never waits for a coordinator longer than this.
         "--give-up-after-s", "90"};
     args.insert(args.end(), extra.begin(), extra.end());
@@ -324,8 +348,8 @@ TEST_F(FederationTest, CoordinatorKilledAndRestartedResumesAndClientsReconnect) 
   ASSERT_TRUE(first->Kill(SIGKILL).ok());
   auto killed = first->Wait(10s);
   ASSERT_TRUE(killed.has_value());
-  ASSERT_EQ(killed->signal, SIGKILL) << "the coordinator ended before the kill: "
-                                     << killed->ToString();
+  ASSERT_EQ(killed->signal, SIGKILL)
+      << "the coordinator ended before the kill: " << killed->ToString();
   const size_t rows_before = ReadMetricsCsv(out / "metrics.csv").size();
   ASSERT_GE(rows_before, 1U);
   ASSERT_LT(rows_before, 4U);
@@ -427,11 +451,11 @@ TEST_F(FederationTest, NetworkedRunMatchesTheSimulationWithTheSameSeeds) {
     double max_diff = 0, max_moved = 0;
     for (size_t i = 0; i < params.size(); ++i) {
       max_diff = std::max(max_diff, std::abs(static_cast<double>(params[i]) - simulated[i]));
-      max_moved = std::max(max_moved,
-                           std::abs(static_cast<double>(params[i]) - initial->params()[i]));
+      max_moved =
+          std::max(max_moved, std::abs(static_cast<double>(params[i]) - initial->params()[i]));
     }
-    std::printf("networked vs simulated: max |diff| %.3g (weights moved by up to %.3g)\n",
-                max_diff, max_moved);
+    std::printf("networked vs simulated: max |diff| %.3g (weights moved by up to %.3g)\n", max_diff,
+                max_moved);
     EXPECT_LE(max_diff, 1e-5);
     EXPECT_GT(max_moved, 1e-3);  // training happened: equality is not trivial
   }
@@ -474,7 +498,7 @@ class ClientCliTest : public FederationTest {
  protected:
   // Runs fedslice-client with `args` to its end; returns its exit status and log.
   std::pair<testing::ExitStatus, std::string> RunClient(const std::vector<std::string>& args,
-                                                       const std::string& name) {
+                                                        const std::string& name) {
     const fs::path log = work_.path() / (name + ".log");
     logs_.push_back(log);
     auto process = Subprocess::Start(client_bin_, args, log);
@@ -486,12 +510,12 @@ class ClientCliTest : public FederationTest {
   }
 
   std::vector<std::string> Identity(const std::string& name) const {
-    return {"--ca", Cert("ca", ".pem").string(), "--cert", Cert(name, ".pem").string(), "--key",
-            Cert(name, ".key").string()};
+    return {"--ca",  Cert("ca", ".pem").string(), "--cert", Cert(name, ".pem").string(),
+            "--key", Cert(name, ".key").string()};
   }
   std::vector<std::string> Data(int index, int count) const {
-    return {"--data", mnist_.string(), "--index", std::to_string(index), "--count",
-            std::to_string(count)};
+    return {"--data",  mnist_.string(),      "--index", std::to_string(index),
+            "--count", std::to_string(count)};
   }
   static std::vector<std::string> Join(std::vector<std::string> a,
                                        const std::vector<std::string>& b) {
@@ -520,8 +544,7 @@ TEST_F(ClientCliTest, UsageErrorsExitTwoWithAMessage) {
        "not HOST:PORT"},
       {Join(Join(endpoint, Identity("client-0")), {"--index", "0"}), "either as --data"},
       {Join(Join(endpoint, Identity("client-0")), Join(Data(0, 2), {"--bogus"})), "bogus"},
-      {Join(Join(endpoint, Identity("client-0")), Join(Data(0, 2), {"--threads", "x"})),
-       "threads"},
+      {Join(Join(endpoint, Identity("client-0")), Join(Data(0, 2), {"--threads", "x"})), "threads"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     auto [status, log] = RunClient(cases[i].args, "usage-" + std::to_string(i));
@@ -533,20 +556,20 @@ TEST_F(ClientCliTest, UsageErrorsExitTwoWithAMessage) {
 TEST_F(ClientCliTest, UnreadableDataOrCertificateExitsOneNamingIt) {
   const auto endpoint = std::vector<std::string>{"--coordinator", "127.0.0.1:7400"};
   const fs::path no_data = work_.path() / "no-such-dir";
-  auto [data_status, data_log] = RunClient(
-      Join(Join(endpoint, Identity("client-0")),
-           {"--data", no_data.string(), "--index", "0", "--count", "2"}),
-      "no-data");
+  auto [data_status, data_log] =
+      RunClient(Join(Join(endpoint, Identity("client-0")),
+                     {"--data", no_data.string(), "--index", "0", "--count", "2"}),
+                "no-data");
   EXPECT_TRUE(data_status.exited && data_status.code == 1) << data_status.ToString();
   EXPECT_NE(data_log.find(no_data.string()), std::string::npos) << data_log;
 
   const fs::path garbage = work_.path() / "garbage.pem";
   std::ofstream(garbage) << "not a certificate\n";
-  auto [cert_status, cert_log] = RunClient(
-      Join(Join(endpoint, {"--ca", Cert("ca", ".pem").string(), "--cert", garbage.string(),
-                           "--key", Cert("client-0", ".key").string()}),
-           Data(0, 2)),
-      "bad-cert");
+  auto [cert_status, cert_log] =
+      RunClient(Join(Join(endpoint, {"--ca", Cert("ca", ".pem").string(), "--cert",
+                                     garbage.string(), "--key", Cert("client-0", ".key").string()}),
+                     Data(0, 2)),
+                "bad-cert");
   EXPECT_TRUE(cert_status.exited && cert_status.code == 1) << cert_status.ToString();
   EXPECT_NE(cert_log.find("garbage.pem"), std::string::npos) << cert_log;
 }
@@ -562,8 +585,8 @@ TEST_F(ClientCliTest, ForeignCertificateIsRefusedAndTheCoordinatorServesOthers) 
   ASSERT_NE(coordinator, nullptr);
   const std::vector<std::string> endpoint = {"--coordinator", "127.0.0.1:" + std::to_string(port)};
   // CN=client-0, but signed by another CA.
-  auto [status, log] = RunClient(Join(Join(endpoint, Identity("other_client")), Data(0, 2)),
-                                 "foreign");
+  auto [status, log] =
+      RunClient(Join(Join(endpoint, Identity("other_client")), Data(0, 2)), "foreign");
   EXPECT_TRUE(status.exited && status.code == 1) << status.ToString() << "\n" << log;
   EXPECT_NE(log.find("refused the TLS session"), std::string::npos) << log;
   EXPECT_TRUE(coordinator->Running());

@@ -101,15 +101,7 @@ class SplitInferenceTest : public ::testing::Test {
   }
 
   void TearDown() override {
-    if (!HasFailure()) return;
-    for (const fs::path& log : logs_) {
-      std::ifstream in(log);
-      std::stringstream text;
-      text << in.rdbuf();
-      std::string s = text.str();
-      if (s.size() > 5000) s = "...\n" + s.substr(s.size() - 5000);
-      std::printf("----- %s -----\n%s\n", log.filename().c_str(), s.c_str());
-    }
+    if (HasFailure()) testing::PrintLogTails(logs_, 5000);
   }
 
   // A coordinator serving `model_name`'s trained file and `clients` stage-hosting clients,
@@ -119,15 +111,39 @@ class SplitInferenceTest : public ::testing::Test {
     const fs::path port_file = work_.path() / "coordinator.port";
     const fs::path log = work_.path() / "coordinator.log";
     logs_.push_back(log);
-    auto coordinator = Subprocess::Start(
-        bins_["fedslice-coordinator"],
-        {"--ca", pki_->ca(), "--cert", pki_->cert("coordinator"), "--key", pki_->key("coordinator"),
-         "--bind", "127.0.0.1", "--port", "0", "--port-file", port_file.string(), "--data",
-         mnist_->string(), "--rounds", "0", "--serve", "--init-model",
-         (dir_->path() / (model_name + ".pb")).string(), "--min-available", "1", "--min-fit", "1", "--out-dir",
-         (work_.path() / "run").string(), "--threads", "1", "--heartbeat-ms", "1000",
-         "--idle-timeout-ms", "5000"},
-        log);
+    auto coordinator = Subprocess::Start(bins_["fedslice-coordinator"],
+                                         {"--ca",
+                                          pki_->ca(),
+                                          "--cert",
+                                          pki_->cert("coordinator"),
+                                          "--key",
+                                          pki_->key("coordinator"),
+                                          "--bind",
+                                          "127.0.0.1",
+                                          "--port",
+                                          "0",
+                                          "--port-file",
+                                          port_file.string(),
+                                          "--data",
+                                          mnist_->string(),
+                                          "--rounds",
+                                          "0",
+                                          "--serve",
+                                          "--init-model",
+                                          (dir_->path() / (model_name + ".pb")).string(),
+                                          "--min-available",
+                                          "1",
+                                          "--min-fit",
+                                          "1",
+                                          "--out-dir",
+                                          (work_.path() / "run").string(),
+                                          "--threads",
+                                          "1",
+                                          "--heartbeat-ms",
+                                          "1000",
+                                          "--idle-timeout-ms",
+                                          "5000"},
+                                         log);
     EXPECT_TRUE(coordinator.ok()) << coordinator.status().ToString();
     if (!coordinator.ok()) return false;
     coordinator_ = std::move(*coordinator);
@@ -145,14 +161,38 @@ class SplitInferenceTest : public ::testing::Test {
       const std::string name = "client-" + std::to_string(i);
       const fs::path client_log = work_.path() / (name + ".log");
       logs_.push_back(client_log);
-      auto client = Subprocess::Start(
-          bins_["fedslice-client"],
-          {"--coordinator", "127.0.0.1:" + std::to_string(port_), "--ca", pki_->ca(), "--cert",
-           pki_->cert(name), "--key", pki_->key(name), "--data", mnist_->string(), "--partition",
-           "iid", "--index", std::to_string(i), "--count", std::to_string(clients), "--threads",
-           "1", "--stage-port", "0", "--heartbeat-ms", "1000", "--idle-timeout-ms", "5000",
-           "--backoff-initial-ms", "100", "--backoff-max-ms", "1000", "--give-up-after-s", "60"},
-          client_log);
+      auto client = Subprocess::Start(bins_["fedslice-client"],
+                                      {"--coordinator",
+                                       "127.0.0.1:" + std::to_string(port_),
+                                       "--ca",
+                                       pki_->ca(),
+                                       "--cert",
+                                       pki_->cert(name),
+                                       "--key",
+                                       pki_->key(name),
+                                       "--data",
+                                       mnist_->string(),
+                                       "--partition",
+                                       "iid",
+                                       "--index",
+                                       std::to_string(i),
+                                       "--count",
+                                       std::to_string(clients),
+                                       "--threads",
+                                       "1",
+                                       "--stage-port",
+                                       "0",
+                                       "--heartbeat-ms",
+                                       "1000",
+                                       "--idle-timeout-ms",
+                                       "5000",
+                                       "--backoff-initial-ms",
+                                       "100",
+                                       "--backoff-max-ms",
+                                       "1000",
+                                       "--give-up-after-s",
+                                       "60"},
+                                      client_log);
       EXPECT_TRUE(client.ok()) << client.status().ToString();
       if (!client.ok()) return false;
       clients_[name] = std::move(*client);
@@ -344,10 +384,11 @@ TEST_F(SplitInferenceTest, StageKilledMidStreamLosesNothingAndAnswersNothingTwic
   EXPECT_EQ(report->answered, 2000);
   EXPECT_LE(MaxAbsDiff(report->logits, expected.logits), 1e-5);
   EXPECT_EQ(Correct(report->logits), expected.correct);
-  std::printf("killed %s after 500 images: %lld micro-batches replayed, %lld duplicates "
-              "discarded, %zu pipelines\n",
-              victim.c_str(), static_cast<long long>(report->batches_replayed),
-              static_cast<long long>(report->duplicates_discarded), report->plans.size());
+  std::printf(
+      "killed %s after 500 images: %lld micro-batches replayed, %lld duplicates "
+      "discarded, %zu pipelines\n",
+      victim.c_str(), static_cast<long long>(report->batches_replayed),
+      static_cast<long long>(report->duplicates_discarded), report->plans.size());
 }
 
 }  // namespace

@@ -1,7 +1,10 @@
 #include "testing/test_util.h"
 
+#include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <random>
+#include <sstream>
 #include <system_error>
 
 namespace fedslice::testing {
@@ -9,6 +12,17 @@ namespace fedslice::testing {
 std::filesystem::path SourceDir() {
   if (const char* dir = std::getenv("FEDSLICE_SOURCE_DIR")) return dir;
   return std::filesystem::current_path();
+}
+
+void PrintLogTails(const std::vector<std::filesystem::path>& logs, size_t max_bytes) {
+  for (const std::filesystem::path& log : logs) {
+    std::ifstream in(log);
+    std::stringstream text;
+    text << in.rdbuf();
+    std::string s = text.str();
+    if (s.size() > max_bytes) s = "...\n" + s.substr(s.size() - max_bytes);
+    std::printf("----- %s -----\n%s\n", log.filename().c_str(), s.c_str());
+  }
 }
 
 std::optional<std::filesystem::path> MnistDir() {

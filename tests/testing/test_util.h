@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace fedslice::testing {
 
@@ -13,6 +14,10 @@ std::filesystem::path SourceDir();
 // Directory holding the four MNIST-10k IDX files: $FEDSLICE_MNIST_DIR, else
 // <source>/data/mnist-10k. Empty when the files are not there.
 std::optional<std::filesystem::path> MnistDir();
+
+// Prints the last `max_bytes` of each log to stdout under a "----- name -----" header: what a
+// failed multi-process test shows of its processes.
+void PrintLogTails(const std::vector<std::filesystem::path>& logs, size_t max_bytes);
 
 // A fresh, empty directory under the system temp dir, removed by the destructor.
 class TempDir {
