@@ -109,6 +109,7 @@ struct Slice {
     proto::ActivationBatch batch;
     net::SessionPtr from;
     uint64_t seq = 0;
+    Clock::time_point arrived;  // when it was queued: when an emulated device could start it
   };
   // guarded
   std::deque<Item> queue;
@@ -134,6 +135,8 @@ struct Slice {
     double send_wait = 0;   // waiting for the destination or a send slot
     double fastest = 0;     // the lowest layer time of a batch so far (what emulation holds to)
   } timing;
+  // Emulation: when the emulated device is done with the last batch it started (guarded).
+  Clock::time_point device_free;
 };
 
 enum class Role { kPending, kJoined };
@@ -500,7 +503,8 @@ void StageHost::Impl::OnServerMessage(const net::SessionPtr& session, proto::Env
         ++stats.batches_received;
         // Moved, not copied: the payload may be megabytes, and this is the io thread.
         s.queue.push_back(
-            Slice::Item{std::move(*envelope.mutable_activation_batch()), session, envelope.seq()});
+            Slice::Item{std::move(*envelope.mutable_activation_batch()), session, envelope.seq(),
+                        Clock::now()});
         stats.queued = s.queue.size();
         stats.max_queued = std::max<uint64_t>(stats.max_queued, stats.queued);
         if (s.queue.size() >= s.in_flight && s.paused != session) {
@@ -642,9 +646,20 @@ void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item)
       // single-thread forward pass use 23% more CPU time — shared core or cache). The
       // minimum is the slice's speed without them; the 1-stage baseline is measured the
       // same way.
-      const auto device = std::chrono::duration_cast<Clock::duration>(
+      //
+      // The emulated device keeps its own timeline: it starts a batch when the batch has
+      // arrived and it is done with the one before, and is busy for N x that time. A batch is
+      // released when both it and the host are done. Holding each batch to N x from the
+      // moment the host starts it instead added every hiccup of the shared host (a batch whose
+      // decode and layers were delayed past N x by the neighbouring stages) to the device's
+      // time, where a device with a CPU of its own would have caught up with the next batch.
+      const auto device_time = std::chrono::duration_cast<Clock::duration>(
           std::chrono::duration<double>(s->timing.fastest * options.slowdown));
-      if (device > took) cv.wait_for(lock, device - took, [&] { return stop || s->released; });
+      const Clock::time_point device_start = std::max(item.arrived, s->device_free);
+      s->device_free = device_start + device_time;
+      if (s->device_free > start + took) {
+        cv.wait_until(lock, s->device_free, [&] { return stop || s->released; });
+      }
       s->timing.held += std::chrono::duration<double>(Clock::now() - start - took).count();
     }
   }
@@ -657,11 +672,15 @@ void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item)
     if (!stop) FailLocked(*s, destination.status());  // no-op once released or failed
     return;
   }
+  const bool slot_free = s->unsent < s->in_flight;
   cv.wait(lock, [&] { return stop || s->released || s->failed || s->unsent < s->in_flight; });
   if (stop || s->released || s->failed) {
     ++stats.batches_dropped;
     return;
   }
+  // Backpressure stops an emulated device as it stops this thread: it cannot start the next
+  // batch before this one is handed on.
+  if (!slot_free) s->device_free = std::max(s->device_free, Clock::now());
   ++s->unsent;
   stats.max_unsent = std::max<uint64_t>(stats.max_unsent, s->unsent);
   s->timing.send_wait += std::chrono::duration<double>(Clock::now() - send_from).count();

@@ -34,14 +34,18 @@
 // SliceReady{ok = false}; the coordinator re-plans.) A closed upstream or sink session is
 // not a failure of this stage: its peer is gone, and the coordinator hears of it elsewhere.
 //
-// Emulated slow devices: with slowdown N > 1 the compute thread holds each micro-batch until
-// N·c has passed since its compute started, c being the least CPU time the slice's layers
-// have taken for a batch so far (on one engine thread; with more, wall time; decoding and
-// encoding the activations are not scaled: the planner counts them with the link). So the
-// stage behaves as a device whose layers run N times slower than this host's, also when
-// neighbouring stages on the same host compete for its cores: CPU time leaves out the time
-// they keep us waiting, and the minimum leaves out how they slow us down while we run
-// (shared core, caches: +23% CPU time measured on a 2-vCPU VM with the other vCPU busy).
+// Emulated slow devices: with slowdown N > 1 the stage keeps the timeline of a device whose
+// layers take N·c per micro-batch, c being the least CPU time the slice's layers have taken
+// for a batch so far (on one engine thread; with more, wall time; decoding and encoding the
+// activations are not scaled: the planner counts them with the link). The device starts a
+// batch once it has arrived and the device is done with the previous one (and, under
+// backpressure, has handed it on), and a batch is released when both the device and this
+// host are done with it. So the stage behaves as a device N times slower than this host's,
+// also when neighbouring stages on the same host compete for its cores: the minimum CPU time
+// leaves out how they slow us down while we run (shared core, caches: +23% CPU time
+// measured on a 2-vCPU VM with the other vCPU busy), and the timeline lets a batch the host
+// delayed past N·c be made up by the next, as a device with its own CPU would (holding
+// each batch to N·c from the moment the host started it added every such delay).
 // For measuring pipelines of several stages on one machine; real devices, or Docker CPU
 // limits, need no emulation.
 //
