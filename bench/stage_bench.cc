@@ -5,9 +5,11 @@
 //   sum_ms       the K stages' times added up: the work of one micro-batch through the plan
 //   max_ms       the slowest stage: what bounds the pipeline's throughput
 //   balance      sum_ms / (K * max_ms): 1 = perfectly balanced stages
+//   sK_ratio     stage K's fastest time / the planner's prediction from the profile
 #include <benchmark/benchmark.h>
 
 #include <chrono>
+#include <cstdio>
 #include <random>
 
 #include "fedslice/common/model.h"
@@ -33,14 +35,14 @@ void BM_CnnStages(benchmark::State& state) {
   slicing::TimingOptions timing;
   timing.batch = batch;
   auto times = slicing::MeasureLayerTimes(*model, timing);
-  slicing::Device device;
-  for (const auto& t : *times) {
-    device.layer_ms_per_sample.push_back(t.forward_ms_per_sample());
-    device.entry_ms_per_sample.push_back(t.join_ms_per_sample());
+  proto::DeviceProfile profile;
+  for (const auto& t : *times) *profile.add_layer_timings() = t;
+  auto device = slicing::DeviceFromProfile(profile, layer_costs);
+  if (!device.ok()) {
+    state.SkipWithError(device.status().ToString().c_str());
+    return;
   }
-  device.layer_ms_per_sample = chain->UnitTimes(device.layer_ms_per_sample);
-  device.entry_ms_per_sample = chain->UnitEntryTimes(device.entry_ms_per_sample);
-  std::vector<slicing::Device> devices(static_cast<size_t>(stages), device);
+  std::vector<slicing::Device> devices(static_cast<size_t>(stages), chain->UnitDevice(*device));
   for (int i = 0; i < stages; ++i)
     devices[static_cast<size_t>(i)].name = std::string("d").append(std::to_string(i));
   slicing::PlanOptions options;
@@ -63,6 +65,7 @@ void BM_CnnStages(benchmark::State& state) {
   for (float& x : input.span()) x = u(rng);
 
   std::vector<double> stage_ms(executors.size(), 0.0);
+  std::vector<double> stage_min_ms(executors.size(), 1e300);
   // Kept across iterations, as a stage keeps its buffers from batch to batch.
   Tensor main, carry, out, out_carry;
   for (auto _ : state) {
@@ -71,8 +74,10 @@ void BM_CnnStages(benchmark::State& state) {
     for (size_t k = 0; k < executors.size(); ++k) {
       const auto t0 = std::chrono::steady_clock::now();
       (void)executors[k]->Run(main, carry, &out, &out_carry);
-      stage_ms[k] +=
+      const double ms =
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+      stage_ms[k] += ms;
+      stage_min_ms[k] = std::min(stage_min_ms[k], ms);
       std::swap(main, out);
       std::swap(carry, out_carry);
     }
@@ -88,6 +93,13 @@ void BM_CnnStages(benchmark::State& state) {
   state.counters["max_ms"] = max;
   state.counters["balance"] = sum / (static_cast<double>(stages) * max);
   state.counters["predicted_max_ms"] = plan->bottleneck_ms;
+  // Each stage's fastest run / the planner's prediction (the profile is the fastest of its
+  // runs too): where the profile misjudges a slice.
+  for (size_t k = 0; k < stage_ms.size(); ++k) {
+    char name[32];  // not std::string concatenation: GCC 12's -Wrestrict misfires on it
+    std::snprintf(name, sizeof(name), "s%zu_ratio", k);
+    state.counters[name] = stage_min_ms[k] / plan->stages[k].estimate.compute_ms;
+  }
   std::string label;
   for (const auto& s : plan->stages) {
     if (!label.empty()) label.append(" | ");

@@ -159,10 +159,7 @@ Result<PipelineService::Pipeline> PipelineService::Prepare(
   auto chain = slicing::Chain::Create(model.spec(), chain_spec);
   if (!chain.ok()) return Status::Internal("cannot cut the model: " + chain.status().message());
   const std::vector<slicing::LayerCost> unit_costs = chain->UnitCosts(costs);
-  for (slicing::Device& device : devices) {
-    device.layer_ms_per_sample = chain->UnitTimes(device.layer_ms_per_sample);
-    device.entry_ms_per_sample = chain->UnitEntryTimes(device.layer_join_ms_per_sample);
-  }
+  for (slicing::Device& device : devices) device = chain->UnitDevice(device);
   slicing::PlanOptions plan_options;
   plan_options.micro_batch = static_cast<int>(request.micro_batch());
   plan_options.order = slicing::DeviceOrder::kAny;

@@ -11,9 +11,14 @@
 
 #include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/threading.h"
+#include "band_conv.h"
 
 namespace fedslice::slicing {
 namespace {
+
+using internal::BandConvForward;
+using internal::kBandColumns;
+using internal::RowMajorMatrix;
 
 std::string ShapeString(const std::vector<int64_t>& shape) {
   std::string s = "[";
@@ -70,59 +75,6 @@ void CopyOutputs(const Tensor& src, int64_t groups, int64_t count, int64_t span,
   }
 }
 
-using RowMajorMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-
-// Output rows [r0, r1) of a conv2d, for every sample of `in` ([n, c, h, w]), written to rows
-// [r0, r1) of `out` ([n, oc, out_rows, ow], allocated by the caller). `weights` is the layer's
-// [oc, c·k·k] followed by its [oc] bias (layers.h layout).
-//
-// Why not the layer's own Forward on the band: that is one product per sample, [oc, ckk] x
-// [ckk, rows·ow], and for a band of one or two rows its ~14-28 columns run the GEMM at a
-// third of its speed (measured: a one-row band of the cnn's conv2 took 2.4x its share of the
-// layer). Here the columns of several samples go into one product of ~kBandColumns columns,
-// so a band costs its share of the layer and the planner's per-unit times hold.
-constexpr int64_t kBandColumns = 384;
-void BandConvForward(const proto::Conv2DSpec& conv, const float* weights, const Tensor& in,
-                     int64_t r0, int64_t r1, Tensor* out, RowMajorMatrix* cols,
-                     RowMajorMatrix* product) {
-  const int64_t n = in.batch(), c = in.dim(1), h = in.dim(2), w = in.dim(3);
-  const int64_t k = conv.kernel(), pad = conv.padding();
-  const int64_t stride = conv.stride() == 0 ? 1 : conv.stride();
-  const int64_t oc = out->dim(1), out_rows = out->dim(2), ow = out->dim(3);
-  const int64_t ckk = c * k * k;
-  const int64_t rows = r1 - r0, per_sample = rows * ow;
-  const int64_t group = std::clamp<int64_t>(kBandColumns / per_sample, 1, n);
-  Eigen::Map<const RowMajorMatrix> w_map(weights, oc, ckk);
-  const float* bias = weights + oc * ckk;
-  for (int64_t s0 = 0; s0 < n; s0 += group) {
-    const int64_t g = std::min(group, n - s0);
-    const int64_t columns = g * per_sample;
-    cols->resize(ckk, columns);
-    // cols [ckk, g·rows·ow]: row (ch·k + ki)·k + kj, column (sample, output row, output col).
-    for (int64_t ch = 0; ch < c; ++ch) {
-      for (int64_t ki = 0; ki < k; ++ki) {
-        for (int64_t kj = 0; kj < k; ++kj) {
-          float* dst = cols->data() + ((ch * k + ki) * k + kj) * columns;
-          for (int64_t j = 0; j < g; ++j) {
-            Im2ColRows(in.data() + ((s0 + j) * c + ch) * h * w, h, w, ki, kj, stride, pad, r0, r1,
-                       ow, dst + j * per_sample);
-          }
-        }
-      }
-    }
-    // [oc, g·rows·ow] = [oc, ckk] x [ckk, g·rows·ow]
-    product->resize(oc, columns);
-    product->noalias() = w_map * (*cols);
-    for (int64_t j = 0; j < g; ++j) {
-      for (int64_t o = 0; o < oc; ++o) {
-        const float* src = product->data() + o * columns + j * per_sample;
-        float* dst = out->data() + (((s0 + j) * oc + o) * out_rows + r0) * ow;
-        const float b = bias[o];
-        for (int64_t i = 0; i < per_sample; ++i) dst[i] = src[i] + b;
-      }
-    }
-  }
-}
 
 // CPU time this thread has used, in seconds.
 double ThreadCpuSeconds() {
@@ -255,34 +207,56 @@ std::vector<LayerCost> Chain::UnitCosts(std::span<const LayerCost> layer_costs) 
   return costs;
 }
 
-std::vector<double> Chain::UnitTimes(std::span<const double> layer_ms) const {
+std::vector<double> Chain::UnitTimes(std::span<const double> layer_ms,
+                                     std::span<const double> band_fixed_ms,
+                                     std::span<const double> band_row_ms) const {
   std::vector<double> times;
   times.reserve(units_.size());
   for (const Unit& unit : units_) {
-    double t = layer_ms[static_cast<size_t>(unit.layer)];
+    const auto layer = static_cast<size_t>(unit.layer);
+    double t = layer_ms[layer];
     if (unit.parts > 1) {
-      const auto& out_shape = layer_shapes_[static_cast<size_t>(unit.layer) + 1];
-      const double outputs =
-          static_cast<double>(out_shape.size() == 3 ? out_shape[1] : out_shape[0]);
-      t *= static_cast<double>(unit.out_end - unit.out_begin) / outputs;
+      const auto& out_shape = layer_shapes_[layer + 1];
+      const auto count = static_cast<double>(unit.out_end - unit.out_begin);
+      if (out_shape.size() == 3 && !band_row_ms.empty() && band_row_ms[layer] > 0) {
+        // A band's rows at the band kernel's rate; the part a stage's band begins with pays
+        // the band's fixed cost (the first part here, a later one in UnitEntryTimes).
+        t = count * band_row_ms[layer] +
+            (unit.part == 0 && !band_fixed_ms.empty() ? band_fixed_ms[layer] : 0.0);
+      } else {
+        t *= count / static_cast<double>(out_shape.size() == 3 ? out_shape[1] : out_shape[0]);
+      }
     }
     times.push_back(t);
   }
   return times;
 }
 
-std::vector<double> Chain::UnitEntryTimes(std::span<const double> layer_join_ms) const {
+std::vector<double> Chain::UnitEntryTimes(std::span<const double> layer_join_ms,
+                                          std::span<const double> band_fixed_ms) const {
   std::vector<double> times(units_.size(), 0.0);
-  if (layer_join_ms.empty()) return times;
   for (size_t u = 0; u < units_.size(); ++u) {
     const Unit& unit = units_[u];
     if (unit.parts <= 1 || unit.part == 0) continue;
-    const auto& out_shape = layer_shapes_[static_cast<size_t>(unit.layer) + 1];
+    const auto layer = static_cast<size_t>(unit.layer);
+    const auto& out_shape = layer_shapes_[layer + 1];
     const double outputs = static_cast<double>(out_shape.size() == 3 ? out_shape[1] : out_shape[0]);
-    times[u] = layer_join_ms[static_cast<size_t>(unit.layer)] *
-               static_cast<double>(unit.out_begin) / outputs;
+    if (!layer_join_ms.empty()) {
+      times[u] = layer_join_ms[layer] * static_cast<double>(unit.out_begin) / outputs;
+    }
+    if (out_shape.size() == 3 && !band_fixed_ms.empty()) times[u] += band_fixed_ms[layer];
   }
   return times;
+}
+
+Device Chain::UnitDevice(const Device& by_layer) const {
+  Device d = by_layer;
+  d.layer_ms_per_sample = UnitTimes(by_layer.layer_ms_per_sample,
+                                    by_layer.layer_band_fixed_ms_per_sample,
+                                    by_layer.layer_band_row_ms_per_sample);
+  d.entry_ms_per_sample =
+      UnitEntryTimes(by_layer.layer_join_ms_per_sample, by_layer.layer_band_fixed_ms_per_sample);
+  return d;
 }
 
 int64_t Chain::SliceParamCount(int begin, int end) const {
@@ -771,4 +745,49 @@ Status DecodeActivation(const proto::EncodedTensor& encoded, const std::vector<i
   return codec::Decode(encoded, out->span());
 }
 
+namespace internal {
+
+void BandConvForward(const proto::Conv2DSpec& conv, const float* weights, const Tensor& in,
+                     int64_t r0, int64_t r1, Tensor* out, RowMajorMatrix* cols,
+                     RowMajorMatrix* product) {
+  const int64_t n = in.batch(), c = in.dim(1), h = in.dim(2), w = in.dim(3);
+  const int64_t k = conv.kernel(), pad = conv.padding();
+  const int64_t stride = conv.stride() == 0 ? 1 : conv.stride();
+  const int64_t oc = out->dim(1), out_rows = out->dim(2), ow = out->dim(3);
+  const int64_t ckk = c * k * k;
+  const int64_t rows = r1 - r0, per_sample = rows * ow;
+  const int64_t group = std::clamp<int64_t>(kBandColumns / per_sample, 1, n);
+  Eigen::Map<const RowMajorMatrix> w_map(weights, oc, ckk);
+  const float* bias = weights + oc * ckk;
+  for (int64_t s0 = 0; s0 < n; s0 += group) {
+    const int64_t g = std::min(group, n - s0);
+    const int64_t columns = g * per_sample;
+    cols->resize(ckk, columns);
+    // cols [ckk, g·rows·ow]: row (ch·k + ki)·k + kj, column (sample, output row, output col).
+    for (int64_t ch = 0; ch < c; ++ch) {
+      for (int64_t ki = 0; ki < k; ++ki) {
+        for (int64_t kj = 0; kj < k; ++kj) {
+          float* dst = cols->data() + ((ch * k + ki) * k + kj) * columns;
+          for (int64_t j = 0; j < g; ++j) {
+            Im2ColRows(in.data() + ((s0 + j) * c + ch) * h * w, h, w, ki, kj, stride, pad, r0, r1,
+                       ow, dst + j * per_sample);
+          }
+        }
+      }
+    }
+    // [oc, g·rows·ow] = [oc, ckk] x [ckk, g·rows·ow]
+    product->resize(oc, columns);
+    product->noalias() = w_map * (*cols);
+    for (int64_t j = 0; j < g; ++j) {
+      for (int64_t o = 0; o < oc; ++o) {
+        const float* src = product->data() + o * columns + j * per_sample;
+        float* dst = out->data() + (((s0 + j) * oc + o) * out_rows + r0) * ow;
+        const float b = bias[o];
+        for (int64_t i = 0; i < per_sample; ++i) dst[i] = src[i] + b;
+      }
+    }
+  }
+}
+
+}  // namespace internal
 }  // namespace fedslice::slicing

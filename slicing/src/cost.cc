@@ -6,10 +6,12 @@
 #include <functional>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 
 #include "fedslice/common/layers.h"
 #include "fedslice/common/threading.h"
+#include "band_conv.h"
 
 namespace fedslice::slicing {
 namespace {
@@ -79,12 +81,14 @@ Result<std::vector<proto::LayerTiming>> MeasureLayerTimes(const Model& model,
   // 64 images and ran in 3.5-4.3 ms as a stage, and the planner gave that stage too little.
   std::vector<float> params(model.params().begin(), model.params().end());
   std::vector<std::unique_ptr<Layer>> layers;
+  std::vector<int64_t> param_offsets;
   int64_t offset = 0;
   for (int i = 0; i < n; ++i) {
     FEDSLICE_ASSIGN_OR_RETURN(std::unique_ptr<Layer> layer,
                               CreateLayer(model.spec().layers(i), model.InputShape(i), i));
     // Inference writes no gradients: the parameters double as the gradient buffer.
     layer->BindParams(params.data() + offset, params.data() + offset);
+    param_offsets.push_back(offset);
     offset += layer->param_count();
     layers.push_back(std::move(layer));
   }
@@ -119,6 +123,31 @@ Result<std::vector<proto::LayerTiming>> MeasureLayerTimes(const Model& model,
     }
   };
 
+  // conv2d layers a pipeline may cut into bands of output rows: a band of one row and one of
+  // all rows, through the kernel a stage runs bands with, give band_fixed and band_row
+  // (wire.proto, LayerTiming): the planner then charges a stage holding r rows fixed + r·row
+  // instead of r/rows of the layer's time, which left out what a band costs on its own.
+  struct BandTimes {
+    internal::RowMajorMatrix cols, product;
+    Tensor out;
+    std::vector<double> one_row, all_rows;
+  };
+  std::vector<std::optional<BandTimes>> bands(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) {
+    const auto& spec = model.spec().layers(i);
+    if (spec.has_conv2d() && model.InputShape(i + 1).size() == 3 && model.InputShape(i + 1)[1] > 1) {
+      bands[static_cast<size_t>(i)].emplace();
+    }
+  }
+  auto time_band = [&](int i, int64_t r1, const float* weights, std::vector<double>* times,
+                       bool timed) {
+    BandTimes& b = *bands[static_cast<size_t>(i)];
+    const auto t0 = Clock::now();
+    internal::BandConvForward(model.spec().layers(i).conv2d(), weights, acts[static_cast<size_t>(i)],
+                              0, r1, &b.out, &b.cols, &b.product);
+    if (timed) times->push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+  };
+
   std::vector<std::vector<double>> runs(static_cast<size_t>(n)), joins(static_cast<size_t>(n));
   // Run 0 is the warm-up (allocations, page faults), not timed.
   for (int run = 0; run <= options.max_runs; ++run) {
@@ -134,6 +163,13 @@ Result<std::vector<proto::LayerTiming>> MeasureLayerTimes(const Model& model,
         if (run > 0) {
           joins[k].push_back(std::chrono::duration<double, std::milli>(Clock::now() - t1).count());
         }
+      }
+      if (bands[k]) {
+        BandTimes& b = *bands[k];
+        b.out.Resize(acts[k + 1].shape());
+        const float* weights = params.data() + param_offsets[k];
+        time_band(i, 1, weights, &b.one_row, run > 0);
+        time_band(i, acts[k + 1].dim(2), weights, &b.all_rows, run > 0);
       }
     }
   }
@@ -153,6 +189,16 @@ Result<std::vector<proto::LayerTiming>> MeasureLayerTimes(const Model& model,
     if (const std::vector<double>& j = joins[static_cast<size_t>(i)]; !j.empty()) {
       t.set_join_ms_per_sample(std::max(*std::min_element(j.begin(), j.end()), 1e-6) /
                                options.batch);
+    }
+    if (const std::optional<BandTimes>& b = bands[static_cast<size_t>(i)]; b) {
+      // t(r) = fixed + r·row through t(1) and t(rows), each the fastest of its runs; noise
+      // can make the fit dip below 0, which no band costs.
+      const double rows = static_cast<double>(model.InputShape(i + 1)[1]);
+      const double one = *std::min_element(b->one_row.begin(), b->one_row.end());
+      const double all = *std::min_element(b->all_rows.begin(), b->all_rows.end());
+      const double row = std::max((all - one) / (rows - 1.0), 1e-6);
+      t.set_band_row_ms_per_sample(row / options.batch);
+      t.set_band_fixed_ms_per_sample(std::max(one - row, 0.0) / options.batch);
     }
     timings.push_back(std::move(t));
   }

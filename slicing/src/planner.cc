@@ -254,6 +254,8 @@ Result<Device> DeviceFromProfile(const proto::DeviceProfile& profile,
   d.layer_ms_per_sample.assign(n, 0.0);
   if (profile.layer_timings_size() > 0) {
     d.layer_join_ms_per_sample.assign(n, 0.0);
+    d.layer_band_fixed_ms_per_sample.assign(n, 0.0);
+    d.layer_band_row_ms_per_sample.assign(n, 0.0);
     if (static_cast<size_t>(profile.layer_timings_size()) != n) {
       return Status::InvalidArgument(label + " reports timings of " +
                                      std::to_string(profile.layer_timings_size()) +
@@ -275,13 +277,17 @@ Result<Device> DeviceFromProfile(const proto::DeviceProfile& profile,
         return Status::InvalidArgument(label + ": forward time of layer " + std::to_string(i) +
                                        " must be finite and >= 0");
       }
-      if (!FiniteNonNegative(t.join_ms_per_sample())) {
-        return Status::InvalidArgument(label + ": join time of layer " + std::to_string(i) +
-                                       " must be finite and >= 0");
+      if (!FiniteNonNegative(t.join_ms_per_sample()) ||
+          !FiniteNonNegative(t.band_fixed_ms_per_sample()) ||
+          !FiniteNonNegative(t.band_row_ms_per_sample())) {
+        return Status::InvalidArgument(label + ": join and band times of layer " +
+                                       std::to_string(i) + " must be finite and >= 0");
       }
       seen[i] = true;
       d.layer_ms_per_sample[i] = t.forward_ms_per_sample() * slowdown;
       d.layer_join_ms_per_sample[i] = t.join_ms_per_sample() * slowdown;
+      d.layer_band_fixed_ms_per_sample[i] = t.band_fixed_ms_per_sample() * slowdown;
+      d.layer_band_row_ms_per_sample[i] = t.band_row_ms_per_sample() * slowdown;
     }
   } else {
     if (!std::isfinite(profile.flops()) || profile.flops() <= 0) {

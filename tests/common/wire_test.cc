@@ -243,6 +243,12 @@ TEST(WireTest, FieldValidationCatchesBadValues) {
   timing->set_join_ms_per_sample(-0.5);
   expect_invalid(h, "join_ms_per_sample");
   timing->set_join_ms_per_sample(0.01);
+  timing->set_band_fixed_ms_per_sample(std::numeric_limits<double>::quiet_NaN());
+  expect_invalid(h, "hello.profile.band_fixed_ms_per_sample");
+  timing->set_band_fixed_ms_per_sample(0.02);
+  timing->set_band_row_ms_per_sample(-1e-3);
+  expect_invalid(h, "hello.profile.band_row_ms_per_sample");
+  timing->set_band_row_ms_per_sample(0.003);
   EXPECT_TRUE(ValidateEnvelope(h).ok());
   proto::Envelope update = Stamped(proto::Envelope());
   *update.mutable_profile_update()->mutable_profile() = h.hello().profile();
@@ -252,6 +258,13 @@ TEST(WireTest, FieldValidationCatchesBadValues) {
       ->mutable_layer_timings(0)
       ->set_join_ms_per_sample(std::numeric_limits<double>::infinity());
   expect_invalid(update, "profile_update.join_ms_per_sample");
+  update.mutable_profile_update()->mutable_profile()->mutable_layer_timings(0)->set_join_ms_per_sample(
+      0.01);
+  update.mutable_profile_update()
+      ->mutable_profile()
+      ->mutable_layer_timings(0)
+      ->set_band_row_ms_per_sample(std::numeric_limits<double>::infinity());
+  expect_invalid(update, "profile_update.band_row_ms_per_sample");
 
   proto::Envelope ev = Stamped(proto::Envelope());
   ev.mutable_evaluate_result()->set_num_samples(10);

@@ -155,6 +155,48 @@ TEST(ChainTest, UnitEntryTimesAreTheCarriedShareOfTheJoin) {
   EXPECT_EQ(chain->UnitEntryTimes({}), std::vector<double>(entry.size(), 0.0));
 }
 
+// With band costs, a part of a cut conv2d layer costs its rows at the band rate, and the
+// part a stage's band begins with (part 0 here, a later part on entry) also the band's fixed
+// cost; dense parts keep their share of the layer. UnitDevice maps a whole device at once.
+TEST(ChainTest, BandCostsPriceTheRowsAndOneFixedCostPerBand) {
+  auto chain = Chain::Create(CnnSpec(), Splits({{3, 7}, {7, 4}}));
+  ASSERT_TRUE(chain.ok());
+  const auto n = static_cast<size_t>(chain->num_layers());
+  Device by_layer;
+  by_layer.layer_ms_per_sample.assign(n, 1.0);
+  by_layer.layer_join_ms_per_sample.assign(n, 0.0);
+  by_layer.layer_join_ms_per_sample[3] = 1.4;
+  by_layer.layer_band_fixed_ms_per_sample.assign(n, 0.0);
+  by_layer.layer_band_row_ms_per_sample.assign(n, 0.0);
+  by_layer.layer_band_fixed_ms_per_sample[3] = 0.3;  // conv2: 14 rows, 2 per part
+  by_layer.layer_band_row_ms_per_sample[3] = 0.1;
+  const Device d = chain->UnitDevice(by_layer);
+  ASSERT_EQ(d.layer_ms_per_sample.size(), static_cast<size_t>(chain->num_units()));
+  ASSERT_EQ(d.entry_ms_per_sample.size(), static_cast<size_t>(chain->num_units()));
+  const int conv2 = chain->FirstUnitOfLayer(3), fc1 = chain->FirstUnitOfLayer(7);
+  for (int u = 0; u < chain->num_units(); ++u) {
+    const auto k = static_cast<size_t>(u);
+    double time = 1.0, entry = 0.0;
+    if (u >= conv2 && u < conv2 + 7) {
+      time = 2 * 0.1 + (u == conv2 ? 0.3 : 0.0);
+      if (u > conv2) entry = 1.4 * (2.0 * (u - conv2)) / 14.0 + 0.3;
+    }
+    if (u >= fc1 && u < fc1 + 4) time = 0.25;  // dense: its share, no band costs
+    EXPECT_DOUBLE_EQ(d.layer_ms_per_sample[k], time) << chain->Describe(u, u + 1);
+    EXPECT_DOUBLE_EQ(d.entry_ms_per_sample[k], entry) << chain->Describe(u, u + 1);
+  }
+  // A stage holding all of conv2 computes one band: fixed + 14 rows.
+  double whole = 0;
+  for (int u = conv2; u < conv2 + 7; ++u) whole += d.layer_ms_per_sample[static_cast<size_t>(u)];
+  EXPECT_DOUBLE_EQ(whole, 0.3 + 14 * 0.1);
+  // Without band costs (older profiles), parts take their share of the layer's time.
+  by_layer.layer_band_row_ms_per_sample.clear();
+  by_layer.layer_band_fixed_ms_per_sample.clear();
+  const Device shares = chain->UnitDevice(by_layer);
+  EXPECT_DOUBLE_EQ(shares.layer_ms_per_sample[static_cast<size_t>(conv2)], 2.0 / 14.0);
+  EXPECT_DOUBLE_EQ(shares.entry_ms_per_sample[static_cast<size_t>(conv2 + 1)], 1.4 * 2 / 14.0);
+}
+
 TEST(ChainTest, RejectsBadCuts) {
   auto expect_bad = [](const proto::ChainSpec& spec, const std::string& what) {
     auto chain = Chain::Create(CnnSpec(), spec);

@@ -497,6 +497,8 @@ TEST(DeviceFromProfileTest, TimingsAreScaledBySlowdown) {
     t->set_layer_name(costs[static_cast<size_t>(5 - i)].name);
     t->set_forward_ms_per_sample(0.01 * (i + 1));
     t->set_join_ms_per_sample(0.001 * i);
+    t->set_band_fixed_ms_per_sample(0.002 * i);
+    t->set_band_row_ms_per_sample(0.0005 * i);
   }
   auto d =
       DeviceFromProfile(p, costs, LinkDefaults{.bandwidth_bytes_per_s = 5e8, .latency_ms = 0.3});
@@ -504,6 +506,8 @@ TEST(DeviceFromProfileTest, TimingsAreScaledBySlowdown) {
   EXPECT_DOUBLE_EQ(d->layer_ms_per_sample[5], 4 * 0.01);
   EXPECT_DOUBLE_EQ(d->layer_ms_per_sample[0], 4 * 0.06);
   EXPECT_DOUBLE_EQ(d->layer_join_ms_per_sample[0], 4 * 0.005);
+  EXPECT_DOUBLE_EQ(d->layer_band_fixed_ms_per_sample[0], 4 * 0.010);
+  EXPECT_DOUBLE_EQ(d->layer_band_row_ms_per_sample[1], 4 * 0.002);
   EXPECT_TRUE(d->entry_ms_per_sample.empty());  // per unit: made by Chain::UnitEntryTimes
   EXPECT_EQ(d->memory_budget_bytes, 123U);
   EXPECT_EQ(d->link_bandwidth_bytes_per_s, 5e8);
@@ -524,7 +528,14 @@ TEST(DeviceFromProfileTest, TimingsAreScaledBySlowdown) {
   EXPECT_EQ(DeviceFromProfile(other, costs).status().code(), Status::Code::kInvalidArgument);
   other = p;
   other.mutable_layer_timings(2)->set_join_ms_per_sample(std::nan(""));
-  EXPECT_THAT(DeviceFromProfile(other, costs).status().message(), HasSubstr("join time"));
+  EXPECT_THAT(DeviceFromProfile(other, costs).status().message(), HasSubstr("join and band"));
+  other = p;
+  other.mutable_layer_timings(3)->set_band_fixed_ms_per_sample(-1);
+  EXPECT_THAT(DeviceFromProfile(other, costs).status().message(), HasSubstr("join and band"));
+  other = p;
+  other.mutable_layer_timings(4)->set_band_row_ms_per_sample(
+      std::numeric_limits<double>::infinity());
+  EXPECT_THAT(DeviceFromProfile(other, costs).status().message(), HasSubstr("join and band"));
 }
 
 TEST(DeviceFromProfileTest, FlopsModelWithoutTimings) {
@@ -563,6 +574,20 @@ TEST(MeasureTest, LayerTimesArePositiveAndFinite) {
       EXPECT_TRUE(std::isfinite(t.join_ms_per_sample()));
     } else {
       EXPECT_EQ(t.join_ms_per_sample(), 0) << t.layer_name();
+    }
+    // Band costs for conv2d layers only (the ones cut into bands of rows): a row > 0, a
+    // fixed cost >= 0, and a band of all rows near the layer's own time (the same products,
+    // batched differently; a wide margin, as both are timed on a shared machine).
+    if (spec.has_conv2d()) {
+      EXPECT_GT(t.band_row_ms_per_sample(), 0) << t.layer_name();
+      EXPECT_GE(t.band_fixed_ms_per_sample(), 0) << t.layer_name();
+      const double rows = static_cast<double>(model.InputShape(static_cast<int>(i) + 1)[1]);
+      const double band = t.band_fixed_ms_per_sample() + rows * t.band_row_ms_per_sample();
+      EXPECT_GT(band, 0.25 * t.forward_ms_per_sample()) << t.layer_name();
+      EXPECT_LT(band, 4.0 * t.forward_ms_per_sample()) << t.layer_name();
+    } else {
+      EXPECT_EQ(t.band_row_ms_per_sample(), 0) << t.layer_name();
+      EXPECT_EQ(t.band_fixed_ms_per_sample(), 0) << t.layer_name();
     }
   }
   options.batch = 0;

@@ -313,10 +313,7 @@ int RunPlan(int argc, char** argv) {
       return kExitFailure;
     }
     planned = chain->UnitCosts(costs);
-    for (slicing::Device& d : devices) {
-      d.layer_ms_per_sample = chain->UnitTimes(d.layer_ms_per_sample);
-      d.entry_ms_per_sample = chain->UnitEntryTimes(d.layer_join_ms_per_sample);
-    }
+    for (slicing::Device& d : devices) d = chain->UnitDevice(d);
   }
   auto plan = slicing::PlanPipeline(planned, devices, plan_options);
   if (!plan.ok()) {

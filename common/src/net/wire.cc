@@ -9,6 +9,7 @@
 #include <cstring>
 #include <exception>
 #include <limits>
+#include <utility>
 
 #include "fedslice/common/net/encoded_tensor.h"
 
@@ -40,6 +41,22 @@ Status CheckNumber(double v, std::string_view field, proto::ErrorCode* code, dou
     return Invalid(code, std::string(field) + " = " + std::to_string(v) +
                              " is not finite or not in [" + std::to_string(lo) + ", " +
                              std::to_string(hi) + "]");
+  }
+  return Status::Ok();
+}
+
+// A profile's layer timing; `where` names the message ("hello.profile", "profile_update").
+Status CheckLayerTiming(const proto::LayerTiming& t, const std::string& where,
+                        proto::ErrorCode* code) {
+  FEDSLICE_RETURN_IF_ERROR(CheckString(t.layer_name(), where + ".layer_name", code));
+  const std::pair<double, const char*> numbers[] = {
+      {t.forward_ms_per_sample(), ".forward_ms_per_sample"},
+      {t.backward_ms_per_sample(), ".backward_ms_per_sample"},
+      {t.join_ms_per_sample(), ".join_ms_per_sample"},
+      {t.band_fixed_ms_per_sample(), ".band_fixed_ms_per_sample"},
+      {t.band_row_ms_per_sample(), ".band_row_ms_per_sample"}};
+  for (const auto& [value, name] : numbers) {
+    FEDSLICE_RETURN_IF_ERROR(CheckNumber(value, where + name, code));
   }
   return Status::Ok();
 }
@@ -85,13 +102,7 @@ Status ValidateBody(const proto::Envelope& e, proto::ErrorCode* code) {
       FEDSLICE_RETURN_IF_ERROR(CheckNumber(p.slowdown(), "hello.profile.slowdown", code));
       FEDSLICE_RETURN_IF_ERROR(CheckString(p.device_name(), "hello.profile.device_name", code));
       for (const auto& t : p.layer_timings()) {
-        FEDSLICE_RETURN_IF_ERROR(CheckString(t.layer_name(), "hello.profile.layer_name", code));
-        FEDSLICE_RETURN_IF_ERROR(
-            CheckNumber(t.forward_ms_per_sample(), "hello.profile.forward_ms_per_sample", code));
-        FEDSLICE_RETURN_IF_ERROR(
-            CheckNumber(t.backward_ms_per_sample(), "hello.profile.backward_ms_per_sample", code));
-        FEDSLICE_RETURN_IF_ERROR(
-            CheckNumber(t.join_ms_per_sample(), "hello.profile.join_ms_per_sample", code));
+        FEDSLICE_RETURN_IF_ERROR(CheckLayerTiming(t, "hello.profile", code));
       }
       return Status::Ok();
     }
@@ -236,11 +247,7 @@ Status ValidateBody(const proto::Envelope& e, proto::ErrorCode* code) {
         return Invalid(code, "profile_update has more than 4096 layer timings");
       }
       for (const auto& t : p.layer_timings()) {
-        FEDSLICE_RETURN_IF_ERROR(CheckString(t.layer_name(), "profile_update.layer_name", code));
-        FEDSLICE_RETURN_IF_ERROR(CheckNumber(t.forward_ms_per_sample(),
-                                             "profile_update.forward_ms_per_sample", code));
-        FEDSLICE_RETURN_IF_ERROR(
-            CheckNumber(t.join_ms_per_sample(), "profile_update.join_ms_per_sample", code));
+        FEDSLICE_RETURN_IF_ERROR(CheckLayerTiming(t, "profile_update", code));
       }
       return Status::Ok();
     }

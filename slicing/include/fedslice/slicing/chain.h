@@ -41,6 +41,7 @@
 #include "fedslice/common/tensor.h"
 #include "fedslice/model.pb.h"
 #include "fedslice/slicing/cost.h"
+#include "fedslice/slicing/planner.h"
 #include "fedslice/wire.pb.h"
 
 namespace fedslice::slicing {
@@ -86,12 +87,22 @@ class Chain {
   // entering it and output_bytes what leaves it (main + carry, or the layer's output after
   // the last part). Names are "conv2[2/7]" for parts.
   std::vector<LayerCost> UnitCosts(std::span<const LayerCost> layer_costs) const;
-  // Per-unit times from per-layer times (size num_layers()): a part takes its share.
-  std::vector<double> UnitTimes(std::span<const double> layer_ms) const;
+  // Per-unit times from per-layer times (size num_layers()): a part takes its share. With band
+  // costs (size num_layers(), or empty; 0 = not measured), a part of a cut conv2d layer takes
+  // rows × band_row, and part 0 also band_fixed (a stage's band begins there).
+  std::vector<double> UnitTimes(std::span<const double> layer_ms,
+                                std::span<const double> band_fixed_ms = {},
+                                std::span<const double> band_row_ms = {}) const;
   // Per-unit entry times (planner.h, Device::entry_ms_per_sample) from per-layer join times
   // (size num_layers(), or empty: then all 0): a stage beginning at part j > 0 joins the
-  // outputs of parts 0..j-1 and pays that share of its layer's join; elsewhere 0.
-  std::vector<double> UnitEntryTimes(std::span<const double> layer_join_ms) const;
+  // outputs of parts 0..j-1 and pays that share of its layer's join, plus its band's fixed
+  // cost when `band_fixed_ms` is given (conv2d); elsewhere 0.
+  std::vector<double> UnitEntryTimes(std::span<const double> layer_join_ms,
+                                     std::span<const double> band_fixed_ms = {}) const;
+  // `by_layer` (DeviceFromProfile) with its times mapped onto this chain's units, as
+  // PlanPipeline over UnitCosts needs them: UnitTimes and UnitEntryTimes of its per-layer
+  // forward, join and band times.
+  Device UnitDevice(const Device& by_layer) const;
 
   // Number of packed parameters of units [b, e) (0 <= b < e <= num_units()).
   int64_t SliceParamCount(int begin, int end) const;

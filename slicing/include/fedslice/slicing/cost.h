@@ -65,7 +65,10 @@ struct TimingOptions {
 // other work only ever adds time, so the minimum is the steadiest estimate of the device's
 // own speed, and it is what slow-device emulation holds against, stage_host.h). conv2d and
 // dense layers also get join_ms_per_sample: copying their whole output in the pieces a
-// stage beginning inside the cut layer copies. The input is fixed pseudo-random data.
+// stage beginning inside the cut layer copies; conv2d layers band_fixed_ms_per_sample and
+// band_row_ms_per_sample: a band of one output row and one of all rows timed through the
+// kernel stages run bands with, fitted as fixed + rows · row. The input is fixed
+// pseudo-random data.
 // Returns one LayerTiming per layer (index, name, forward_ms_per_sample > 0, finite);
 // backward_ms_per_sample is 0 (not measured: split inference does not run backward).
 // InvalidArgument for batch < 1 or > 4096, budget <= 0 or max_runs < 1.

@@ -58,6 +58,11 @@ struct Device {
   // join_ms_per_sample × slowdown), from which Chain::UnitEntryTimes makes the entry times
   // of a chain's units. Whole layers have none.
   std::vector<double> layer_join_ms_per_sample;
+  // Not read by the planner either: per-layer band costs of conv2d layers (LayerTiming.
+  // band_fixed_ms_per_sample and band_row_ms_per_sample × slowdown; 0 = not measured), from
+  // which Chain::UnitTimes / UnitEntryTimes cost the parts of a cut layer.
+  std::vector<double> layer_band_fixed_ms_per_sample;
+  std::vector<double> layer_band_row_ms_per_sample;
   uint64_t memory_budget_bytes = 0;         // 0 = no limit
   double link_bandwidth_bytes_per_s = 1e9;  // to the next stage, > 0
   double link_latency_ms = 0;               // to the next stage, >= 0
@@ -73,8 +78,8 @@ struct LinkDefaults {
 
 // The planner's view of a device from the profile it reported: with layer timings (one per
 // layer of `costs`, indices 0..n-1 in any order, names matching when given, finite and
-// >= 0), t(i) = forward_ms_per_sample × slowdown (and layer_join_ms_per_sample(i) =
-// join_ms_per_sample × slowdown);
+// >= 0), t(i) = forward_ms_per_sample × slowdown (and likewise × slowdown the layer's join
+// and band times, layer_join_ms_per_sample and layer_band_*_ms_per_sample);
 // otherwise t(i) = 1000 · forward_flops(i) · slowdown / flops. slowdown 0 (unset) means 1.
 // Unset link figures take `link`. InvalidArgument naming the device and the field for
 // timings of another model, flops <= 0 without timings, slowdown < 1, NaN or negative values.
