@@ -7,7 +7,9 @@
 #include <chrono>
 #include <cmath>
 #include <ctime>
+#include <limits>
 #include <optional>
+#include <random>
 
 #include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/threading.h"
@@ -707,6 +709,37 @@ Result<proto::ActivationBatch> StageExecutor::RunMessage(const proto::Activation
     FEDSLICE_RETURN_IF_ERROR(EncodeActivation(out_carry, codec, result.mutable_carry()));
   }
   return result;
+}
+
+Result<StageExecutor::ComputeTimes> StageExecutor::TimeRuns(int batch, int runs,
+                                                           const codec::CodecSpec& codec) {
+  if (batch < 1 || batch > kMaxBatch || runs < 1) {
+    return Status::InvalidArgument("timing runs need a batch in [1, " +
+                                   std::to_string(kMaxBatch) + "] and runs >= 1");
+  }
+  std::mt19937 rng(12345);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  auto random_tensor = [&](const std::vector<int64_t>& shape, proto::EncodedTensor* out) {
+    Tensor t(WithBatch(batch, shape));
+    for (float& x : t.span()) x = uniform(rng);
+    return EncodeActivation(t, *codec::ParseCodec("fp32"), out);
+  };
+  proto::ActivationBatch input;
+  input.set_unit(static_cast<uint32_t>(begin_));
+  input.set_num_samples(static_cast<uint32_t>(batch));
+  FEDSLICE_RETURN_IF_ERROR(random_tensor(chain_.MainShape(begin_), input.mutable_data()));
+  if (const std::vector<int64_t> carry = chain_.CarryShape(begin_); !carry.empty()) {
+    FEDSLICE_RETURN_IF_ERROR(random_tensor(carry, input.mutable_carry()));
+  }
+  ComputeTimes best{std::numeric_limits<double>::max(), std::numeric_limits<double>::max()};
+  for (int r = 0; r < runs; ++r) {
+    ComputeTimes t;
+    FEDSLICE_ASSIGN_OR_RETURN(proto::ActivationBatch out, Run(input, codec, &t));
+    (void)out;
+    best.wall_seconds = std::min(best.wall_seconds, t.wall_seconds);
+    best.cpu_seconds = std::min(best.cpu_seconds, t.cpu_seconds);
+  }
+  return best;
 }
 
 Status EncodeActivation(const Tensor& tensor, const codec::CodecSpec& codec,

@@ -137,6 +137,9 @@ struct Slice {
   } timing;
   // Emulation: when the emulated device is done with the last batch it started (guarded).
   Clock::time_point device_free;
+  // Emulation: the compute thread has timed the slice on synthetic input (guarded; true
+  // from the start without emulation).
+  bool timed = false;
 };
 
 enum class Role { kPending, kJoined };
@@ -333,6 +336,8 @@ struct StageHost::Impl : std::enable_shared_from_this<StageHost::Impl> {
 
   void ComputeLoop();
   void Process(const std::shared_ptr<Slice>& s, Slice::Item item);
+  // Emulation: times the slice on synthetic input before its first batch (compute thread).
+  void TimeSlice(const std::shared_ptr<Slice>& s);
   // The session results go to: the sink (last stage) or the next stage, connecting lazily.
   // Blocks (bounded); an error means the stage cannot deliver (or was released/stopped).
   Result<net::SessionPtr> Destination(const std::shared_ptr<Slice>& s);
@@ -531,7 +536,9 @@ void StageHost::Impl::ComputeLoop() {
   while (true) {
     std::unique_lock<std::mutex> lock(mu);
     const auto idle_from = Clock::now();
-    cv.wait(lock, [this] { return stop || !failures.empty() || (slice && !slice->queue.empty()); });
+    cv.wait(lock, [this] {
+      return stop || !failures.empty() || (slice && (!slice->timed || !slice->queue.empty()));
+    });
     if (stop) return;
     if (!failures.empty()) {
       FailureNote note = std::move(failures.front());
@@ -548,6 +555,12 @@ void StageHost::Impl::ComputeLoop() {
       continue;
     }
     std::shared_ptr<Slice> s = slice;
+    if (!s->timed) {
+      s->timed = true;
+      lock.unlock();
+      TimeSlice(s);
+      continue;
+    }
     if (s->timing.batches > 0) {
       s->timing.input_wait += std::chrono::duration<double>(Clock::now() - idle_from).count();
     }
@@ -563,6 +576,34 @@ void StageHost::Impl::ComputeLoop() {
     if (resume) resume->ResumeReading();
     Process(s, std::move(item));
   }
+}
+
+void StageHost::Impl::TimeSlice(const std::shared_ptr<Slice>& s) {
+  // Emulation holds to N x the fastest the slice has run. Learnt from the stream alone, that
+  // minimum starts at the first, cold batch and creeps down for a hundred batches while the
+  // emulated device runs slower than it should; a few runs on synthetic input before the
+  // first batch (which also allocate the buffers) start it near the host's speed.
+  constexpr int kRuns = 5;
+  Result<StageExecutor::ComputeTimes> best = Status::Internal("not run");
+  bool single_threaded = false;
+  {
+    ScopedEngineThreads threads(options.engine_threads);
+    single_threaded = NumThreads() == 1;
+    try {
+      best = s->executor->TimeRuns(static_cast<int>(s->micro_batch), kRuns, s->out_codec);
+    } catch (const std::exception& e) {
+      best = Status::Internal(e.what());
+    }
+  }
+  if (!best.ok()) {
+    // Not a failure of the stage: emulation learns the slice's speed from the stream instead.
+    spdlog::warn("stage: timing {} on synthetic input failed: {}", PipelineName(s->pipeline_id),
+                 best.status().ToString());
+    return;
+  }
+  const double work = single_threaded ? best->cpu_seconds : best->wall_seconds;
+  std::lock_guard<std::mutex> lock(mu);
+  if (s->timing.fastest <= 0 || work < s->timing.fastest) s->timing.fastest = work;
 }
 
 void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item) {
@@ -974,6 +1015,7 @@ Status StageHost::Assign(const proto::SliceAssign& a) {
   }
   s->micro_batch = a.micro_batch();
   s->in_flight = a.in_flight();
+  s->timed = impl_->options.slowdown <= 1.0;  // only emulation needs the slice's speed first
   const std::string codec_name =
       a.activation_codec().empty() ? std::string(kActivationFp32) : a.activation_codec();
   if (codec_name != kActivationFp32 && codec_name != kActivationInt8) {

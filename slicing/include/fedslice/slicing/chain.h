@@ -182,6 +182,12 @@ class StageExecutor {
   Result<proto::ActivationBatch> Run(proto::ActivationBatch&& batch, const codec::CodecSpec& codec,
                                      ComputeTimes* times = nullptr);
 
+  // Runs the message form `runs` times (>= 1) on `batch` (1..kMaxBatch) samples of fixed
+  // pseudo-random input (and carry), encoding with `codec`, and returns the fastest layers'
+  // time of those runs (wall and CPU minima, as ComputeTimes above). Also allocates the
+  // buffers later batches reuse. InvalidArgument for bad counts or a codec Run rejects.
+  Result<ComputeTimes> TimeRuns(int batch, int runs, const codec::CodecSpec& codec);
+
   static constexpr int64_t kMaxBatch = 4096;
 
  private:

@@ -45,7 +45,9 @@
 // leaves out how they slow us down while we run (shared core, caches: +23% CPU time
 // measured on a 2-vCPU VM with the other vCPU busy), and the timeline lets a batch the host
 // delayed past N·c be made up by the next, as a device with its own CPU would (holding
-// each batch to N·c from the moment the host started it added every such delay).
+// each batch to N·c from the moment the host started it added every such delay). Before the
+// first batch the compute thread times the slice on synthetic input (a few runs), so that
+// c starts near the host's speed rather than at a cold first batch's.
 // For measuring pipelines of several stages on one machine; real devices, or Docker CPU
 // limits, need no emulation.
 //
