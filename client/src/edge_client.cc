@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <thread>
 #include <string_view>
 #include <vector>
 
@@ -11,6 +12,7 @@
 #include "fedslice/common/codec.h"
 #include "fedslice/common/model.h"
 #include "fedslice/common/net/encoded_tensor.h"
+#include "fedslice/common/net/io_cost.h"
 #include "fedslice/common/net/wire.h"
 #include "fedslice/common/threading.h"
 
@@ -527,7 +529,19 @@ Status EdgeClient::SendProfileUpdate(net::Channel& channel, const proto::ModelSp
   for (const auto& t : layer_timings_) *profile->add_layer_timings() = t;
   const int threads = stage_threads > 0 ? stage_threads : NumThreads();
   double slowdown = options_.slowdown;
+  if (activation_io_ms_per_mb_ <= 0) {
+    if (auto io = net::MeasureActivationIoMsPerMb(); io.ok()) {
+      activation_io_ms_per_mb_ = *io;
+    } else {
+      spdlog::warn("activation I/O cost not measured: {}", io.status().ToString());
+    }
+  }
+  profile->set_activation_io_ms_per_mb(activation_io_ms_per_mb_);
+  // The stage's I/O thread competes with its engine threads when the CPUs this process may
+  // use cannot run them all at once.
+  double cpus_usable = std::max(1u, std::thread::hardware_concurrency());
   if (auto cpus = CgroupCpuLimit(options_.cgroup_root); cpus.ok()) {
+    cpus_usable = std::min(cpus_usable, *cpus);
     const double quota = CpuQuotaSlowdown(threads, *cpus);
     if (quota > 1.0) {
       spdlog::info(
@@ -540,6 +554,12 @@ Status EdgeClient::SendProfileUpdate(net::Channel& channel, const proto::ModelSp
     spdlog::warn("CPU quota not read ({}); timings reported as measured", cpus.status().ToString());
   }
   profile->set_slowdown(slowdown);
+  profile->set_io_shares_compute(cpus_usable < static_cast<double>(threads) + 1.0);
+  if (profile->io_shares_compute()) {
+    spdlog::info("{:.2f} usable CPUs for {} engine thread(s) and I/O: stages pay {:.2f} ms of "
+                 "CPU per MB of activations in and out",
+                 cpus_usable, threads, activation_io_ms_per_mb_ * slowdown);
+  }
   if (options_.stage && options_.stage->engine_threads > 0) {
     profile->set_num_threads(static_cast<uint32_t>(options_.stage->engine_threads));
   }

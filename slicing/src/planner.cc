@@ -68,8 +68,10 @@ Status ValidateInputs(std::span<const LayerCost> costs, std::span<const Device> 
     if (!std::isfinite(d.link_bandwidth_bytes_per_s) || d.link_bandwidth_bytes_per_s <= 0) {
       return Status::InvalidArgument(label + ": link bandwidth must be finite and > 0");
     }
-    if (!FiniteNonNegative(d.link_latency_ms) || !FiniteNonNegative(d.overhead_ms)) {
-      return Status::InvalidArgument(label + ": link latency and overhead must be finite, >= 0");
+    if (!FiniteNonNegative(d.link_latency_ms) || !FiniteNonNegative(d.overhead_ms) ||
+        !FiniteNonNegative(d.io_ms_per_byte)) {
+      return Status::InvalidArgument(label +
+                                     ": link latency, overhead and I/O cost must be finite, >= 0");
     }
     if (d.num_threads < 1) return Status::InvalidArgument(label + ": num_threads must be >= 1");
   }
@@ -306,6 +308,12 @@ Result<Device> DeviceFromProfile(const proto::DeviceProfile& profile,
   d.link_bandwidth_bytes_per_s = bw > 0 ? bw : link.bandwidth_bytes_per_s;
   d.link_latency_ms = lat > 0 ? lat : link.latency_ms;
   d.num_threads = std::max(1, static_cast<int>(profile.num_threads()));
+  if (!FiniteNonNegative(profile.activation_io_ms_per_mb())) {
+    return Status::InvalidArgument(label + ": activation_io_ms_per_mb must be finite and >= 0");
+  }
+  if (profile.io_shares_compute()) {
+    d.io_ms_per_byte = profile.activation_io_ms_per_mb() * slowdown / 1e6;
+  }
   return d;
 }
 
@@ -327,6 +335,7 @@ StageEstimate EstimateStage(std::span<const LayerCost> costs, const Device& devi
   if (!device.entry_ms_per_sample.empty()) {
     ms_per_sample += device.entry_ms_per_sample[static_cast<size_t>(begin)];
   }
+  ms_per_sample += device.io_ms_per_byte * static_cast<double>(in_bytes + out_bytes);
   s.compute_ms = device.overhead_ms + static_cast<double>(m) * ms_per_sample;
   s.bytes_sent = m * out_bytes;
   s.transfer_ms = device.link_latency_ms +

@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <cmath>
 #include <fstream>
 #include <random>
 #include <thread>
@@ -234,6 +235,11 @@ TEST_F(EdgeClientStageTest, ReportsTimingsHostsTheAssignedSliceAndReleasesIt) {
   }
   EXPECT_EQ(profile.slowdown(), 4.0);
   EXPECT_GT(profile.flops(), 0.0);
+  // Half a CPU cannot run the engine thread and the I/O at once: the planner is told that
+  // the stage's network work comes out of its compute, and what it costs per MB.
+  EXPECT_TRUE(profile.io_shares_compute());
+  EXPECT_GT(profile.activation_io_ms_per_mb(), 0.0);
+  EXPECT_TRUE(std::isfinite(profile.activation_io_ms_per_mb()));
 
   ASSERT_TRUE((*open)->Send(Assign()).ok());
   auto ready = Expect(*handler, proto::Envelope::kSliceReady);

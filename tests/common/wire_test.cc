@@ -236,6 +236,9 @@ TEST(WireTest, FieldValidationCatchesBadValues) {
   h.mutable_hello()->mutable_profile()->set_flops(-1);
   expect_invalid(h, "flops");
   h.mutable_hello()->mutable_profile()->set_flops(1e9);
+  h.mutable_hello()->mutable_profile()->set_activation_io_ms_per_mb(-0.1);
+  expect_invalid(h, "hello.profile.activation_io_ms_per_mb");
+  h.mutable_hello()->mutable_profile()->set_activation_io_ms_per_mb(0.7);
   auto* timing = h.mutable_hello()->mutable_profile()->add_layer_timings();
   timing->set_forward_ms_per_sample(0.1);
   timing->set_join_ms_per_sample(std::numeric_limits<double>::quiet_NaN());

@@ -101,6 +101,13 @@ TEST(EstimateStageTest, ComputeTransferAndMemoryByHand) {
   EXPECT_DOUBLE_EQ(EstimateStage(costs, d, 0, 2, options).compute_ms, 0.5 + 10 * 0.75);
   EXPECT_DOUBLE_EQ(EstimateStage(costs, d, 1, 2, options).compute_ms, 0.5 + 10 * (0.25 + 0.125));
   EXPECT_DOUBLE_EQ(EstimateStage(costs, d, 1, 3, options).compute_ms, 0.5 + 10 * (1.25 + 0.125));
+  // A device whose network work shares its CPU pays it per byte in and out.
+  d.io_ms_per_byte = 0.001;
+  EXPECT_DOUBLE_EQ(EstimateStage(costs, d, 1, 3, options).compute_ms,
+                   0.5 + 10 * (1.25 + 0.125 + 0.001 * (80 + 120)));
+  d.io_ms_per_byte = -1;
+  EXPECT_THAT(PlanPipeline(costs, std::vector<Device>{d}, options).status().message(),
+              HasSubstr("I/O cost"));
 }
 
 // Entry times move a boundary: two identical devices, four equal layers; joining before
@@ -509,6 +516,7 @@ TEST(DeviceFromProfileTest, TimingsAreScaledBySlowdown) {
   EXPECT_DOUBLE_EQ(d->layer_band_fixed_ms_per_sample[0], 4 * 0.010);
   EXPECT_DOUBLE_EQ(d->layer_band_row_ms_per_sample[1], 4 * 0.002);
   EXPECT_TRUE(d->entry_ms_per_sample.empty());  // per unit: made by Chain::UnitEntryTimes
+  EXPECT_EQ(d->io_ms_per_byte, 0);              // its I/O does not share its CPU
   EXPECT_EQ(d->memory_budget_bytes, 123U);
   EXPECT_EQ(d->link_bandwidth_bytes_per_s, 5e8);
   EXPECT_EQ(d->link_latency_ms, 0.3);
@@ -536,6 +544,15 @@ TEST(DeviceFromProfileTest, TimingsAreScaledBySlowdown) {
   other.mutable_layer_timings(4)->set_band_row_ms_per_sample(
       std::numeric_limits<double>::infinity());
   EXPECT_THAT(DeviceFromProfile(other, costs).status().message(), HasSubstr("join and band"));
+  other = p;
+  other.set_activation_io_ms_per_mb(0.5);
+  other.set_io_shares_compute(true);
+  auto shared = DeviceFromProfile(other, costs);
+  ASSERT_TRUE(shared.ok()) << shared.status().ToString();
+  EXPECT_DOUBLE_EQ(shared->io_ms_per_byte, 0.5 * 4 / 1e6);  // × slowdown
+  other.set_activation_io_ms_per_mb(std::nan(""));
+  EXPECT_THAT(DeviceFromProfile(other, costs).status().message(),
+              HasSubstr("activation_io_ms_per_mb"));
 }
 
 TEST(DeviceFromProfileTest, FlopsModelWithoutTimings) {

@@ -190,6 +190,7 @@ class EdgeClient {
   // not measure again.
   std::string timed_model_;
   std::vector<proto::LayerTiming> layer_timings_;
+  double activation_io_ms_per_mb_ = 0;  // measured with the first layer timings; 0 = not yet
 };
 
 }  // namespace fedslice::client

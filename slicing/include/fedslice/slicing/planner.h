@@ -2,11 +2,14 @@
 // chain of devices, to maximise pipeline throughput within each device's memory budget.
 //
 // Cost model of one stage (device d running layers [b, e) on micro-batches of m samples):
-//   compute_ms  = overhead_ms(d) + m · (entry_d(b) + Σ_{i in [b,e)} t_d(i)), where t_d(i) is
+//   compute_ms  = overhead_ms(d) + m · (entry_d(b) + Σ_{i in [b,e)} t_d(i))
+//                 + m · io_d · (input_bytes(b) + output_bytes(e - 1)), where t_d(i) is
 //                 d's forward time per sample of layer i (DeviceFromProfile: measured
-//                 timings × slowdown, else forward_flops(i) / (flops / slowdown)) and
+//                 timings × slowdown, else forward_flops(i) / (flops / slowdown)),
 //                 entry_d(b) what beginning at b costs (joining the outputs carried into a
-//                 cut layer, Chain::UnitEntryTimes; 0 when not given).
+//                 cut layer, Chain::UnitEntryTimes; 0 when not given) and io_d the CPU per
+//                 byte received or sent when d's network work shares its CPU with its
+//                 layers (0 otherwise: then it overlaps with computing, as below).
 //   bytes_sent  = m · output_bytes(e - 1): the activations sent to the next stage; the last
 //                 stage sends the logits back to the requester the same way.
 //   transfer_ms = latency_ms(d) + 1000 · bytes_sent / bandwidth(d), over d's link onward.
@@ -67,6 +70,9 @@ struct Device {
   double link_bandwidth_bytes_per_s = 1e9;  // to the next stage, > 0
   double link_latency_ms = 0;               // to the next stage, >= 0
   double overhead_ms = 0;                   // fixed cost per micro-batch, >= 0
+  // CPU time per byte received or sent that the device's compute pays (its network work
+  // shares the CPU with its layers; DeviceProfile.io_shares_compute), ms; 0 = overlapped.
+  double io_ms_per_byte = 0;
   int num_threads = 1;                      // engine threads: copies of per-thread scratch
 };
 
@@ -81,6 +87,7 @@ struct LinkDefaults {
 // >= 0), t(i) = forward_ms_per_sample × slowdown (and likewise × slowdown the layer's join
 // and band times, layer_join_ms_per_sample and layer_band_*_ms_per_sample);
 // otherwise t(i) = 1000 · forward_flops(i) · slowdown / flops. slowdown 0 (unset) means 1.
+// io_ms_per_byte = activation_io_ms_per_mb · slowdown / 10^6 when io_shares_compute, else 0.
 // Unset link figures take `link`. InvalidArgument naming the device and the field for
 // timings of another model, flops <= 0 without timings, slowdown < 1, NaN or negative values.
 Result<Device> DeviceFromProfile(const proto::DeviceProfile& profile,
