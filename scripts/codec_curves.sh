@@ -13,7 +13,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build=${FEDSLICE_BUILD_DIR:-$root/build}
 rounds=${1:-100}
 out=${2:-$root/docs/codecs}
-codecs=(fp32 fp16 int8 int4 "qsgd:16" sign "topk:0.01")
+codecs=(fp32 fp16 int8 int4 "qsgd:16" sign "topk:0.01" "topk:0.01:layer")
 fedslice=$build/tools/fedslice
 [[ -x "$fedslice" ]] || { echo "missing $fedslice: run scripts/build.sh first" >&2; exit 1; }
 command -v gnuplot >/dev/null || { echo "gnuplot is missing: apt-get install gnuplot-nox" >&2; exit 1; }

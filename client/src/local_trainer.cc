@@ -47,6 +47,7 @@ Result<proto::FitResult> LocalTrainer::Fit(const proto::FitTask& task) {
   FEDSLICE_RETURN_IF_ERROR(LoadWeights(task.global_weights()).WithContext("FitTask"));
   if (task.batch_size() == 0) return Status::InvalidArgument("FitTask: batch_size must be >= 1");
   FEDSLICE_ASSIGN_OR_RETURN(codec::CodecSpec update_codec, codec::ParseCodec(task.codec()));
+  if (update_codec.per_segment_scale) update_codec.segments = model_->ParamSegments();
 
   const std::vector<float> global(model_->params().begin(), model_->params().end());
   TrainConfig config;

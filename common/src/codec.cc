@@ -26,7 +26,7 @@ static_assert(std::endian::native == std::endian::little,
 static_assert(sizeof(float) == 4 && std::numeric_limits<float>::is_iec559);
 
 constexpr std::string_view kValidNames =
-    "fp32, fp16, int8, int4, qsgd:<levels 1..32767>, sign, topk:<fraction in (0,1]>";
+    "fp32, fp16, int8, int4, qsgd:<levels 1..32767>, sign, topk:<fraction in (0,1]>[:layer]";
 
 using ConstArrayMap = Eigen::Map<const Eigen::ArrayXf>;
 
@@ -426,7 +426,11 @@ Status DecodeQsgd(const char* headers, const uint8_t* stream, size_t stream_byte
 // ---------------------------------------------------------------------------------------------
 // topk
 
-Status EncodeTopK(std::span<const float> v, uint64_t k, char* out) {
+// The k values of largest score, indices ascending, into `out` (k indices, then k values).
+// The score is |x|, or with `segments` (sizes of consecutive segments of v, adding up to its
+// size) |x| / RMS of x over its segment (a segment of zeros scores 0).
+Status EncodeTopK(std::span<const float> v, uint64_t k, std::span<const uint64_t> segments,
+                  char* out) {
   const size_t n = v.size();
   char* idx = out;
   char* val = out + 4 * k;
@@ -437,26 +441,38 @@ Status EncodeTopK(std::span<const float> v, uint64_t k, char* out) {
     }
     return Status::Ok();
   }
-  // Threshold = k-th largest |x| (nth_element, O(n)); then keep every |x| above it and the
-  // first ties in index order, so the choice is deterministic.
-  std::vector<float> mags;
+  // Threshold = k-th largest score (nth_element, O(n)); then keep every score above it and
+  // the first ties in index order, so the choice is deterministic.
+  std::vector<float> scores, sorted;
   try {
-    mags.resize(n);
+    scores.resize(n);
+    sorted.resize(n);
   } catch (const std::exception& e) {
     return Status::ResourceExhausted(std::string("topk scratch: ") + e.what());
   }
-  for (size_t i = 0; i < n; ++i) mags[i] = std::fabs(v[i]);
-  const auto nth = mags.begin() + static_cast<std::ptrdiff_t>(n - k);
-  std::nth_element(mags.begin(), nth, mags.end());
+  for (size_t i = 0; i < n; ++i) scores[i] = std::fabs(v[i]);
+  if (!segments.empty()) {
+    size_t at = 0;
+    for (const uint64_t size : segments) {
+      double squares = 0;
+      for (size_t i = at; i < at + size; ++i) squares += double{v[i]} * double{v[i]};
+      const double rms = size > 0 ? std::sqrt(squares / static_cast<double>(size)) : 0.0;
+      const float inverse = rms > 0 ? static_cast<float>(1.0 / rms) : 0.0f;
+      for (size_t i = at; i < at + size; ++i) scores[i] *= inverse;
+      at += size;
+    }
+  }
+  std::copy(scores.begin(), scores.end(), sorted.begin());
+  const auto nth = sorted.begin() + static_cast<std::ptrdiff_t>(n - k);
+  std::nth_element(sorted.begin(), nth, sorted.end());
   const float threshold = *nth;
   uint64_t above = 0;
-  for (size_t i = 0; i < n; ++i) above += std::fabs(v[i]) > threshold ? 1 : 0;
+  for (size_t i = 0; i < n; ++i) above += scores[i] > threshold ? 1 : 0;
   uint64_t ties = k - above;
   uint64_t j = 0;
   for (size_t i = 0; i < n && j < k; ++i) {
-    const float a = std::fabs(v[i]);
-    bool keep = a > threshold;
-    if (!keep && a == threshold && ties > 0) {
+    bool keep = scores[i] > threshold;
+    if (!keep && scores[i] == threshold && ties > 0) {
       keep = true;
       --ties;
     }
@@ -552,7 +568,10 @@ Result<CodecSpec> ParseCodec(std::string_view name, uint32_t block_size) {
     return spec;
   }
   if (name.starts_with("topk:")) {
-    const std::string_view arg = name.substr(5);
+    std::string_view arg = name.substr(5);
+    constexpr std::string_view kPerLayer = ":layer";
+    const bool per_layer = arg.ends_with(kPerLayer);
+    if (per_layer) arg.remove_suffix(kPerLayer.size());
     double f = 0;
     const auto [end, ec] = std::from_chars(arg.data(), arg.data() + arg.size(), f,
                                            std::chars_format::fixed);
@@ -563,6 +582,7 @@ Result<CodecSpec> ParseCodec(std::string_view name, uint32_t block_size) {
     }
     spec.kind = CodecKind::kTopK;
     spec.fraction = f;
+    spec.per_segment_scale = per_layer;
     return spec;
   }
   return Status::InvalidArgument("unknown codec \"" + shown + "\"; valid codecs: " +
@@ -616,6 +636,14 @@ Status Encode(const CodecSpec& spec, std::span<const float> values, proto::Encod
                                    std::to_string(spec.block_size));
   }
   const uint64_t n = values.size();
+  if (spec.per_segment_scale && !spec.segments.empty()) {
+    uint64_t total = 0;
+    for (const uint64_t size : spec.segments) total += size;
+    if (total != n) {
+      return Status::InvalidArgument(spec.name + ": its segments hold " + std::to_string(total) +
+                                     " values, encoding " + std::to_string(n));
+    }
+  }
   const uint64_t nb = spec.block_wise() ? NumBlocks(n, spec.block_size) : 0;
   out->Clear();
   out->set_codec(spec.name);
@@ -663,7 +691,10 @@ Status Encode(const CodecSpec& spec, std::span<const float> values, proto::Encod
     case CodecKind::kTopK: {
       const uint64_t k = TopKCount(spec.fraction, n);
       out->set_k(k);
-      FEDSLICE_RETURN_IF_ERROR(EncodeTopK(values, k, p));
+      FEDSLICE_RETURN_IF_ERROR(EncodeTopK(
+          values, k, spec.per_segment_scale ? std::span<const uint64_t>(spec.segments)
+                                            : std::span<const uint64_t>(),
+          p));
       break;
     }
   }

@@ -396,4 +396,13 @@ Result<float> Model::TrainStep(const Tensor& in, std::span<const int32_t> labels
   return RunTrainStep(in, labels, &optimizer, prox_anchor);
 }
 
+std::vector<uint64_t> Model::ParamSegments() const {
+  std::vector<uint64_t> segments;
+  for (int i = 0; i < num_layers(); ++i) {
+    const int64_t count = layer(i).param_count();
+    if (count > 0) segments.push_back(static_cast<uint64_t>(count));
+  }
+  return segments;
+}
+
 }  // namespace fedslice

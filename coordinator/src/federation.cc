@@ -118,6 +118,9 @@ Result<std::unique_ptr<Federation>> Federation::Create(FederationConfig config,
       MakeStrategy(config.strategy, static_cast<size_t>(fed->global_->param_count())));
   FEDSLICE_ASSIGN_OR_RETURN(fed->uplink_codec_, codec::ParseCodec(config.codec));
   FEDSLICE_ASSIGN_OR_RETURN(fed->downlink_codec_, codec::ParseCodec(config.downlink_codec));
+  if (fed->downlink_codec_.per_segment_scale) {
+    fed->downlink_codec_.segments = fed->global_->ParamSegments();
+  }
   fed->config_ = std::move(config);
   fed->test_set_ = std::move(test_set);
 

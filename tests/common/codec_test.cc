@@ -76,6 +76,10 @@ TEST(CodecParse, AcceptsEveryCodecAndNormalisesNames) {
   EXPECT_EQ(Spec("sign").kind, CodecKind::kSign);
   EXPECT_DOUBLE_EQ(Spec("topk:0.01").fraction, 0.01);
   EXPECT_DOUBLE_EQ(Spec("topk:1").fraction, 1.0);
+  EXPECT_FALSE(Spec("topk:0.01").per_segment_scale);
+  EXPECT_TRUE(Spec("topk:0.01:layer").per_segment_scale);
+  EXPECT_DOUBLE_EQ(Spec("topk:0.01:layer").fraction, 0.01);
+  EXPECT_EQ(Spec("topk:0.01:layer").name, "topk:0.01:layer");
   EXPECT_TRUE(Spec("sign").default_error_feedback());
   EXPECT_TRUE(Spec("topk:0.1").default_error_feedback());
   EXPECT_FALSE(Spec("int8").default_error_feedback());
@@ -89,6 +93,8 @@ TEST(CodecParse, RejectsBadNamesWithClearErrors) {
   for (const Case& c : {Case{"topk:2", "(0, 1]"}, Case{"topk:0", "(0, 1]"},
                         Case{"topk:-0.1", "(0, 1]"}, Case{"topk:nan", "(0, 1]"},
                         Case{"topk:", "(0, 1]"}, Case{"topk:0.1x", "(0, 1]"},
+                        Case{"topk::layer", "(0, 1]"}, Case{"topk:0.1:lay", "(0, 1]"},
+                        Case{"topk:0.1:layer:layer", "(0, 1]"},
                         Case{"qsgd:0", "[1, 32767]"}, Case{"qsgd:-1", "[1, 32767]"},
                         Case{"qsgd:40000", "[1, 32767]"}, Case{"qsgd:2.5", "[1, 32767]"},
                         Case{"qsgd:", "[1, 32767]"}, Case{"int9", "valid codecs: fp32"},
@@ -263,6 +269,32 @@ TEST(CodecRoundTrip, TopKKeepsLargestExactlyAndZeroesTheRest) {
   const std::vector<float> ties(10, 1.0f);
   const auto tied = RoundTrip(Spec("topk:0.3"), ties);
   EXPECT_EQ(tied, (std::vector<float>{1, 1, 1, 0, 0, 0, 0, 0, 0, 0}));
+}
+
+// topk:f:layer picks by |x| / RMS of x over x's segment: a segment of small values still
+// gets its largest ones sent. The payload is plain topk's (decoded without the segments).
+TEST(CodecRoundTrip, TopKPerLayerScalesEachSegmentByItsRms) {
+  const std::vector<float> v = {100, 90, 80, 70, 0.1f, 0.3f, 0.2f, 0.05f};
+  // Plain: the two largest magnitudes, both in the first segment.
+  EXPECT_EQ(RoundTrip(Spec("topk:0.25"), v), (std::vector<float>{100, 90, 0, 0, 0, 0, 0, 0}));
+  // Per segment: |x| / RMS is 1.17, 1.05, 0.93, 0.82 in the first (RMS 85.7) and 0.53, 1.59,
+  // 1.06, 0.26 in the second (RMS 0.189): 0.3 and 100 are kept.
+  CodecSpec layer = Spec("topk:0.25:layer");
+  layer.segments = {4, 4};
+  const auto out = RoundTrip(layer, v);
+  EXPECT_EQ(out, (std::vector<float>{100, 0, 0, 0, 0, 0.3f, 0, 0}));
+  // Without segments it is plain topk; segments that do not cover the values are refused.
+  EXPECT_EQ(RoundTrip(Spec("topk:0.25:layer"), v), RoundTrip(Spec("topk:0.25"), v));
+  layer.segments = {4, 3};
+  proto::EncodedTensor t;
+  const Status s = Encode(layer, v, &t);
+  EXPECT_EQ(s.code(), Status::Code::kInvalidArgument);
+  EXPECT_NE(s.message().find("segments hold 7 values, encoding 8"), std::string::npos)
+      << s.ToString();
+  // A segment of zeros scores 0 and is only picked after every non-zero value.
+  layer.segments = {4, 4};
+  const std::vector<float> zeros = {0, 0, 0, 0, 1, 2, 3, 4};
+  EXPECT_EQ(RoundTrip(layer, zeros), (std::vector<float>{0, 0, 0, 0, 0, 0, 3, 4}));
 }
 
 TEST(CodecRoundTrip, QsgdLevelsAndReproducibility) {

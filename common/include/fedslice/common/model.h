@@ -69,6 +69,9 @@ class Model {
   Result<std::vector<int64_t>> OutputShape(int begin, int end) const;
 
   int64_t param_count() const { return static_cast<int64_t>(params_.size()); }
+  // The parameter count of each layer that has parameters, in order: the segments of
+  // params() that belong to one layer (they add up to param_count()).
+  std::vector<uint64_t> ParamSegments() const;
   std::span<float> params() { return params_; }
   std::span<const float> params() const { return params_; }
   std::span<float> grads() { return grads_; }
