@@ -636,9 +636,12 @@ Status Encode(const CodecSpec& spec, std::span<const float> values, proto::Encod
                                    std::to_string(spec.block_size));
   }
   const uint64_t n = values.size();
-  if (spec.per_segment_scale && !spec.segments.empty()) {
+  // topk:f:layer's segments (empty otherwise, or when the caller set none: one segment).
+  const std::span<const uint64_t> segments =
+      spec.per_segment_scale ? std::span<const uint64_t>(spec.segments) : std::span<const uint64_t>();
+  if (!segments.empty()) {
     uint64_t total = 0;
-    for (const uint64_t size : spec.segments) total += size;
+    for (const uint64_t size : segments) total += size;
     if (total != n) {
       return Status::InvalidArgument(spec.name + ": its segments hold " + std::to_string(total) +
                                      " values, encoding " + std::to_string(n));
@@ -691,10 +694,7 @@ Status Encode(const CodecSpec& spec, std::span<const float> values, proto::Encod
     case CodecKind::kTopK: {
       const uint64_t k = TopKCount(spec.fraction, n);
       out->set_k(k);
-      FEDSLICE_RETURN_IF_ERROR(EncodeTopK(
-          values, k, spec.per_segment_scale ? std::span<const uint64_t>(spec.segments)
-                                            : std::span<const uint64_t>(),
-          p));
+      FEDSLICE_RETURN_IF_ERROR(EncodeTopK(values, k, segments, p));
       break;
     }
   }

@@ -19,7 +19,6 @@ namespace fedslice::slicing {
 namespace {
 
 using internal::BandConvForward;
-using internal::kBandColumns;
 using internal::RowMajorMatrix;
 
 std::string ShapeString(const std::vector<int64_t>& shape) {

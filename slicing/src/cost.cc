@@ -135,7 +135,7 @@ Result<std::vector<proto::LayerTiming>> MeasureLayerTimes(const Model& model,
   std::vector<std::optional<BandTimes>> bands(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) {
     const auto& spec = model.spec().layers(i);
-    if (spec.has_conv2d() && model.InputShape(i + 1).size() == 3 && model.InputShape(i + 1)[1] > 1) {
+    if (spec.has_conv2d() && model.InputShape(i + 1)[1] > 1) {  // output {c, rows, w}
       bands[static_cast<size_t>(i)].emplace();
     }
   }
