@@ -4,8 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <thread>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "fedslice/client/device_profile.h"
@@ -556,9 +556,10 @@ Status EdgeClient::SendProfileUpdate(net::Channel& channel, const proto::ModelSp
   profile->set_slowdown(slowdown);
   profile->set_io_shares_compute(cpus_usable < static_cast<double>(threads) + 1.0);
   if (profile->io_shares_compute()) {
-    spdlog::info("{:.2f} usable CPUs for {} engine thread(s) and I/O: stages pay {:.2f} ms of "
-                 "CPU per MB of activations in and out",
-                 cpus_usable, threads, activation_io_ms_per_mb_ * slowdown);
+    spdlog::info(
+        "{:.2f} usable CPUs for {} engine thread(s) and I/O: stages pay {:.2f} ms of "
+        "CPU per MB of activations in and out",
+        cpus_usable, threads, activation_io_ms_per_mb_ * slowdown);
   }
   if (options_.stage && options_.stage->engine_threads > 0) {
     profile->set_num_threads(static_cast<uint32_t>(options_.stage->engine_threads));

@@ -637,8 +637,9 @@ Status Encode(const CodecSpec& spec, std::span<const float> values, proto::Encod
   }
   const uint64_t n = values.size();
   // topk:f:layer's segments (empty otherwise, or when the caller set none: one segment).
-  const std::span<const uint64_t> segments =
-      spec.per_segment_scale ? std::span<const uint64_t>(spec.segments) : std::span<const uint64_t>();
+  const std::span<const uint64_t> segments = spec.per_segment_scale
+                                                 ? std::span<const uint64_t>(spec.segments)
+                                                 : std::span<const uint64_t>();
   if (!segments.empty()) {
     uint64_t total = 0;
     for (const uint64_t size : segments) total += size;

@@ -11,9 +11,9 @@
 #include <optional>
 #include <random>
 
+#include "band_conv.h"
 #include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/threading.h"
-#include "band_conv.h"
 
 namespace fedslice::slicing {
 namespace {
@@ -75,7 +75,6 @@ void CopyOutputs(const Tensor& src, int64_t groups, int64_t count, int64_t span,
     }
   }
 }
-
 
 // CPU time this thread has used, in seconds.
 double ThreadCpuSeconds() {
@@ -252,9 +251,9 @@ std::vector<double> Chain::UnitEntryTimes(std::span<const double> layer_join_ms,
 
 Device Chain::UnitDevice(const Device& by_layer) const {
   Device d = by_layer;
-  d.layer_ms_per_sample = UnitTimes(by_layer.layer_ms_per_sample,
-                                    by_layer.layer_band_fixed_ms_per_sample,
-                                    by_layer.layer_band_row_ms_per_sample);
+  d.layer_ms_per_sample =
+      UnitTimes(by_layer.layer_ms_per_sample, by_layer.layer_band_fixed_ms_per_sample,
+                by_layer.layer_band_row_ms_per_sample);
   d.entry_ms_per_sample =
       UnitEntryTimes(by_layer.layer_join_ms_per_sample, by_layer.layer_band_fixed_ms_per_sample);
   return d;
@@ -711,10 +710,10 @@ Result<proto::ActivationBatch> StageExecutor::RunMessage(const proto::Activation
 }
 
 Result<StageExecutor::ComputeTimes> StageExecutor::TimeRuns(int batch, int runs,
-                                                           const codec::CodecSpec& codec) {
+                                                            const codec::CodecSpec& codec) {
   if (batch < 1 || batch > kMaxBatch || runs < 1) {
-    return Status::InvalidArgument("timing runs need a batch in [1, " +
-                                   std::to_string(kMaxBatch) + "] and runs >= 1");
+    return Status::InvalidArgument("timing runs need a batch in [1, " + std::to_string(kMaxBatch) +
+                                   "] and runs >= 1");
   }
   std::mt19937 rng(12345);
   std::uniform_real_distribution<float> uniform(0.0f, 1.0f);

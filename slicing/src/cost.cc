@@ -9,9 +9,9 @@
 #include <optional>
 #include <random>
 
+#include "band_conv.h"
 #include "fedslice/common/layers.h"
 #include "fedslice/common/threading.h"
-#include "band_conv.h"
 
 namespace fedslice::slicing {
 namespace {
@@ -143,9 +143,10 @@ Result<std::vector<proto::LayerTiming>> MeasureLayerTimes(const Model& model,
                        bool timed) {
     BandTimes& b = *bands[static_cast<size_t>(i)];
     const auto t0 = Clock::now();
-    internal::BandConvForward(model.spec().layers(i).conv2d(), weights, acts[static_cast<size_t>(i)],
-                              0, r1, &b.out, &b.cols, &b.product);
-    if (timed) times->push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    internal::BandConvForward(model.spec().layers(i).conv2d(), weights,
+                              acts[static_cast<size_t>(i)], 0, r1, &b.out, &b.cols, &b.product);
+    if (timed)
+      times->push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
   };
 
   std::vector<std::vector<double>> runs(static_cast<size_t>(n)), joins(static_cast<size_t>(n));

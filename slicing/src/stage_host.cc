@@ -507,9 +507,8 @@ void StageHost::Impl::OnServerMessage(const net::SessionPtr& session, proto::Env
         stats.bytes_in += batch.ByteSizeLong();
         ++stats.batches_received;
         // Moved, not copied: the payload may be megabytes, and this is the io thread.
-        s.queue.push_back(
-            Slice::Item{std::move(*envelope.mutable_activation_batch()), session, envelope.seq(),
-                        Clock::now()});
+        s.queue.push_back(Slice::Item{std::move(*envelope.mutable_activation_batch()), session,
+                                      envelope.seq(), Clock::now()});
         stats.queued = s.queue.size();
         stats.max_queued = std::max<uint64_t>(stats.max_queued, stats.queued);
         if (s.queue.size() >= s.in_flight && s.paused != session) {

@@ -90,15 +90,15 @@ TEST(CodecParse, RejectsBadNamesWithClearErrors) {
     const char* name;
     const char* needle;
   };
-  for (const Case& c : {Case{"topk:2", "(0, 1]"}, Case{"topk:0", "(0, 1]"},
-                        Case{"topk:-0.1", "(0, 1]"}, Case{"topk:nan", "(0, 1]"},
-                        Case{"topk:", "(0, 1]"}, Case{"topk:0.1x", "(0, 1]"},
-                        Case{"topk::layer", "(0, 1]"}, Case{"topk:0.1:lay", "(0, 1]"},
-                        Case{"topk:0.1:layer:layer", "(0, 1]"},
-                        Case{"qsgd:0", "[1, 32767]"}, Case{"qsgd:-1", "[1, 32767]"},
-                        Case{"qsgd:40000", "[1, 32767]"}, Case{"qsgd:2.5", "[1, 32767]"},
-                        Case{"qsgd:", "[1, 32767]"}, Case{"int9", "valid codecs: fp32"},
-                        Case{"INT8", "valid codecs"}, Case{"int8 ", "valid codecs"}}) {
+  for (const Case& c :
+       {Case{"topk:2", "(0, 1]"}, Case{"topk:0", "(0, 1]"}, Case{"topk:-0.1", "(0, 1]"},
+        Case{"topk:nan", "(0, 1]"}, Case{"topk:", "(0, 1]"}, Case{"topk:0.1x", "(0, 1]"},
+        Case{"topk::layer", "(0, 1]"}, Case{"topk:0.1:lay", "(0, 1]"},
+        Case{"topk:0.1:layer:layer", "(0, 1]"}, Case{"qsgd:0", "[1, 32767]"},
+        Case{"qsgd:-1", "[1, 32767]"}, Case{"qsgd:40000", "[1, 32767]"},
+        Case{"qsgd:2.5", "[1, 32767]"}, Case{"qsgd:", "[1, 32767]"},
+        Case{"int9", "valid codecs: fp32"}, Case{"INT8", "valid codecs"},
+        Case{"int8 ", "valid codecs"}}) {
     auto spec = ParseCodec(c.name);
     ASSERT_FALSE(spec.ok()) << c.name;
     EXPECT_EQ(spec.status().code(), Status::Code::kInvalidArgument);

@@ -261,8 +261,10 @@ TEST(WireTest, FieldValidationCatchesBadValues) {
       ->mutable_layer_timings(0)
       ->set_join_ms_per_sample(std::numeric_limits<double>::infinity());
   expect_invalid(update, "profile_update.join_ms_per_sample");
-  update.mutable_profile_update()->mutable_profile()->mutable_layer_timings(0)->set_join_ms_per_sample(
-      0.01);
+  update.mutable_profile_update()
+      ->mutable_profile()
+      ->mutable_layer_timings(0)
+      ->set_join_ms_per_sample(0.01);
   update.mutable_profile_update()
       ->mutable_profile()
       ->mutable_layer_timings(0)

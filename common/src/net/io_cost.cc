@@ -43,8 +43,7 @@ Status Records(bool seal, const std::vector<unsigned char>& in, std::vector<unsi
                    EVP_EncryptFinal_ex(ctx.get(), tag, &written) == 1 &&
                    EVP_CIPHER_CTX_ctrl(ctx.get(), EVP_CTRL_GCM_GET_TAG, 16, tag) == 1
              : EVP_DecryptInit_ex(ctx.get(), EVP_aes_256_gcm(), nullptr, key, iv) == 1 &&
-                   EVP_DecryptUpdate(ctx.get(), out->data() + at, &written, in.data() + at, n) ==
-                       1;
+                   EVP_DecryptUpdate(ctx.get(), out->data() + at, &written, in.data() + at, n) == 1;
     if (!ok) return Status::Internal("AES-256-GCM failed in the I/O cost measurement");
   }
   return Status::Ok();
@@ -61,8 +60,7 @@ Result<double> MeasureActivationIoMsPerMb(std::chrono::milliseconds budget) {
   std::vector<unsigned char> plain, sealed;
   const double start = ThreadCpuMs();
   double best = 0;
-  for (int run = 0; run < 2 || ThreadCpuMs() - start < static_cast<double>(budget.count());
-       ++run) {
+  for (int run = 0; run < 2 || ThreadCpuMs() - start < static_cast<double>(budget.count()); ++run) {
     const double t0 = ThreadCpuMs();
     // Sending: encode, serialize into the frame, seal.
     FEDSLICE_RETURN_IF_ERROR(EncodeFp32(values, batch.mutable_data()));

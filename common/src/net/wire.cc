@@ -100,8 +100,8 @@ Status ValidateBody(const proto::Envelope& e, proto::ErrorCode* code) {
       FEDSLICE_RETURN_IF_ERROR(
           CheckNumber(p.link_latency_ms(), "hello.profile.link_latency_ms", code));
       FEDSLICE_RETURN_IF_ERROR(CheckNumber(p.slowdown(), "hello.profile.slowdown", code));
-      FEDSLICE_RETURN_IF_ERROR(CheckNumber(p.activation_io_ms_per_mb(),
-                                           "hello.profile.activation_io_ms_per_mb", code));
+      FEDSLICE_RETURN_IF_ERROR(
+          CheckNumber(p.activation_io_ms_per_mb(), "hello.profile.activation_io_ms_per_mb", code));
       FEDSLICE_RETURN_IF_ERROR(CheckString(p.device_name(), "hello.profile.device_name", code));
       for (const auto& t : p.layer_timings()) {
         FEDSLICE_RETURN_IF_ERROR(CheckLayerTiming(t, "hello.profile", code));
@@ -243,8 +243,8 @@ Status ValidateBody(const proto::Envelope& e, proto::ErrorCode* code) {
       const auto& p = e.profile_update().profile();
       FEDSLICE_RETURN_IF_ERROR(CheckNumber(p.flops(), "profile_update.flops", code));
       FEDSLICE_RETURN_IF_ERROR(CheckNumber(p.slowdown(), "profile_update.slowdown", code));
-      FEDSLICE_RETURN_IF_ERROR(CheckNumber(p.activation_io_ms_per_mb(),
-                                           "profile_update.activation_io_ms_per_mb", code));
+      FEDSLICE_RETURN_IF_ERROR(
+          CheckNumber(p.activation_io_ms_per_mb(), "profile_update.activation_io_ms_per_mb", code));
       FEDSLICE_RETURN_IF_ERROR(
           CheckString(p.device_name(), "profile_update.device_name", code));
       if (p.layer_timings_size() > 4096) {
