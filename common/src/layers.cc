@@ -146,26 +146,38 @@ Conv2DLayer::Conv2DLayer(const std::vector<int64_t>& input_shape, int64_t out_ch
       ckk_(c_ * k_ * k_),
       p_(oh_ * ow_) {}
 
-void Im2ColRows(const float* plane, int64_t h, int64_t w, int64_t ki, int64_t kj, int64_t stride,
-                int64_t pad, int64_t oh0, int64_t oh1, int64_t out_w, float* dst) {
-  // Output columns whose input column iw = ow * stride - pad + kj lies inside.
-  const int64_t ow_lo = std::clamp<int64_t>((pad - kj + stride - 1) / stride, 0, out_w);
-  const int64_t ow_hi = std::clamp<int64_t>((w + pad - kj + stride - 1) / stride, ow_lo, out_w);
-  const int64_t shift = kj - pad;  // iw = ow * stride + shift
-  for (int64_t oh = oh0; oh < oh1; ++oh, dst += out_w) {
-    const int64_t ih = oh * stride - pad + ki;
-    if (ih < 0 || ih >= h) {
-      std::fill_n(dst, out_w, 0.0f);
-      continue;
+void Im2ColPositions(const float* in, const ConvGeometry& g, int64_t p0, int64_t p1, float* cols,
+                     int64_t ld, std::vector<float>* padded) {
+  const int64_t ph = g.h + 2 * g.pad, pw = g.w + 2 * g.pad;
+  padded->resize(static_cast<size_t>(ph * pw));
+  float* pad_plane = padded->data();
+  const int64_t first_row = p0 / g.out_w, first_col = p0 % g.out_w;
+  // The border stays 0 from plane to plane; only the interior is rewritten.
+  std::fill_n(pad_plane, ph * pw, 0.0f);
+  for (int64_t ch = 0; ch < g.c; ++ch) {
+    const float* plane = in + ch * g.h * g.w;
+    for (int64_t y = 0; y < g.h; ++y) {
+      std::copy_n(plane + y * g.w, g.w, pad_plane + (y + g.pad) * pw + g.pad);
     }
-    const float* row = plane + ih * w;
-    std::fill_n(dst, ow_lo, 0.0f);
-    if (stride == 1) {
-      std::copy(row + ow_lo + shift, row + ow_hi + shift, dst + ow_lo);
-    } else {
-      for (int64_t ow = ow_lo; ow < ow_hi; ++ow) dst[ow] = row[ow * stride + shift];
+    for (int64_t ki = 0; ki < g.k; ++ki) {
+      for (int64_t kj = 0; kj < g.k; ++kj) {
+        float* __restrict dst = cols + ((ch * g.k + ki) * g.k + kj) * ld;
+        // Output row by output row: positions [p, p + len) of row oh read padded row
+        // oh · stride + ki from column ow · stride + kj.
+        int64_t oh = first_row, ow0 = first_col;
+        for (int64_t left = p1 - p0; left > 0; ++oh, ow0 = 0) {
+          const int64_t len = std::min(g.out_w - ow0, left);
+          const float* __restrict src = pad_plane + (oh * g.stride + ki) * pw + ow0 * g.stride + kj;
+          if (g.stride == 1) {
+            for (int64_t x = 0; x < len; ++x) dst[x] = src[x];
+          } else {
+            for (int64_t x = 0; x < len; ++x) dst[x] = src[x * g.stride];
+          }
+          dst += len;
+          left -= len;
+        }
+      }
     }
-    std::fill(dst + ow_hi, dst + out_w, 0.0f);
   }
 }
 
@@ -181,15 +193,9 @@ void Conv2DLayer::InitParams(std::mt19937_64& rng, bool he) {
   std::fill_n(b_ptr_, oc_, 0.0f);
 }
 
-void Conv2DLayer::Im2Col(const float* in, float* cols) const {
-  for (int64_t c = 0; c < c_; ++c) {
-    for (int64_t ki = 0; ki < k_; ++ki) {
-      for (int64_t kj = 0; kj < k_; ++kj) {
-        Im2ColRows(in + c * h_ * w_, h_, w_, ki, kj, stride_, pad_, 0, oh_, ow_,
-                   cols + ((c * k_ + ki) * k_ + kj) * p_);
-      }
-    }
-  }
+void Conv2DLayer::Im2Col(const float* in, Scratch* s) const {
+  const ConvGeometry g{c_, h_, w_, k_, stride_, pad_, oh_, ow_};
+  Im2ColPositions(in, g, 0, p_, s->cols.data(), p_, &s->padded);
 }
 
 void Conv2DLayer::Col2Im(const float* cols, float* in) const {
@@ -242,7 +248,7 @@ void Conv2DLayer::Forward(const Tensor& in, Tensor* out, bool training) {
     s.cols.Resize({ckk_, p_});
     const ParamMap w(w_ptr_, oc_, ckk_);
     for (int64_t n = n0; n < n1; ++n) {
-      Im2Col(in.data() + n * in_size, s.cols.data());
+      Im2Col(in.data() + n * in_size, &s);
       ParamMap y(out->data() + n * oc_ * p_, oc_, p_);
       // [oc, p] = [oc, ckk] * [ckk, p]
       y.noalias() = w * s.cols.matrix();
@@ -282,7 +288,7 @@ void Conv2DLayer::Backward(const Tensor& grad_out, Tensor* grad_in) {
     ParamMap dw_map(dw, oc_, ckk_);
     const ParamMap w(w_ptr_, oc_, ckk_);
     for (int64_t n = n0; n < n1; ++n) {
-      Im2Col(input_.data() + n * in_size, s.cols.data());
+      Im2Col(input_.data() + n * in_size, &s);
       const ConstMap g(grad_out.data() + n * oc_ * p_, oc_, p_);
       // [oc, ckk] += [oc, p] * [p, ckk]
       dw_map.noalias() += g * s.cols.matrix().transpose();

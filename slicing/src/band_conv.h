@@ -5,6 +5,7 @@
 
 #include <Eigen/Core>
 #include <cstdint>
+#include <vector>
 
 #include "fedslice/common/tensor.h"
 #include "fedslice/model.pb.h"
@@ -16,17 +17,24 @@ using RowMajorMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eige
 // Columns per product a band aims for (see BandConvForward).
 constexpr int64_t kBandColumns = 384;
 
-// Output rows [r0, r1) of a conv2d, for every sample of `in` ([n, c, h, w]), written to rows
-// [r0, r1) of `out` ([n, oc, out_rows, ow], allocated by the caller). `weights` is the layer's
-// [oc, c·k·k] followed by its [oc] bias (layers.h layout). `cols` and `product` are scratch,
-// kept by the caller from call to call.
+// Scratch a band keeps from call to call: the im2col columns, the product, a padded plane.
+struct BandScratch {
+  RowMajorMatrix cols, product;
+  std::vector<float> padded;
+};
+
+// Output positions [p0, p1) (row-major over the output's rows x cols) of a conv2d whose output
+// sample shape is `out_shape` ({oc, rows, cols}), for every sample of `in` ([n, c, h, w]),
+// written to positions [p0, p1) of each channel of `out` ([n, oc, P] with P >= p1 positions
+// per channel, or [n, oc, rows, cols]; allocated by the caller). `weights` is the layer's
+// [oc, c·k·k] followed by its [oc] bias (layers.h layout).
 //
 // Why not the layer's own Forward on the band: that is one product per sample, [oc, ckk] x
-// [ckk, rows·ow], and for a band of one or two rows its ~14-28 columns run the GEMM at a
+// [ckk, positions], and for a band of a row or two its ~14-28 columns run the GEMM at a
 // third of its speed (measured: a one-row band of the cnn's conv2 took 2.4x its share of the
 // layer). Here the columns of several samples go into one product of ~kBandColumns columns.
 void BandConvForward(const proto::Conv2DSpec& conv, const float* weights, const Tensor& in,
-                     int64_t r0, int64_t r1, Tensor* out, RowMajorMatrix* cols,
-                     RowMajorMatrix* product);
+                     const std::vector<int64_t>& out_shape, int64_t p0, int64_t p1, Tensor* out,
+                     BandScratch* scratch);
 
 }  // namespace fedslice::slicing::internal

@@ -35,10 +35,18 @@ int64_t Product(const std::vector<int64_t>& shape) {
 
 bool Splittable(const proto::LayerSpec& layer) { return layer.has_conv2d() || layer.has_dense(); }
 
-// What a cut divides: a conv2d layer's output rows, a dense layer's output features.
-// `out_shape` is the layer's output sample shape.
-int64_t Outputs(const proto::LayerSpec& layer, const std::vector<int64_t>& out_shape) {
-  return layer.has_conv2d() ? out_shape[1] : out_shape[0];
+// What a split's parts divide: a conv2d layer's output positions (by_position) or rows, a
+// dense layer's output features. `out_shape` is the layer's output sample shape.
+int64_t SplitOutputs(const proto::LayerSpec& layer, const std::vector<int64_t>& out_shape,
+                     bool by_position) {
+  if (!layer.has_conv2d()) return out_shape[0];
+  return by_position ? out_shape[1] * out_shape[2] : out_shape[1];
+}
+
+// What a unit's [out_begin, out_end) counts: a conv2d's output positions (rows x cols,
+// row-major: a band of whole rows is a run of positions too), a dense layer's features.
+int64_t UnitOutputs(const std::vector<int64_t>& out_shape) {
+  return out_shape.size() == 3 ? out_shape[1] * out_shape[2] : out_shape[0];
 }
 
 // A dense layer computing `count` of the outputs of `layer`.
@@ -63,15 +71,15 @@ void CopyRows(const Tensor& src, int64_t n0, int64_t n1, Tensor* dst) {
   std::copy_n(src.data() + n0 * ss, (n1 - n0) * ss, dst->data());
 }
 
-// Copies src [n][groups][count][span] into dst [n][groups][dst_count][span] at position `at`
-// of the third dimension (conv2d outputs: groups = channels, count = rows, span = width).
-void CopyOutputs(const Tensor& src, int64_t groups, int64_t count, int64_t span, Tensor* dst,
-                 int64_t dst_count, int64_t at) {
+// Copies src [n][groups][count] into dst [n][groups][dst_count] at `at` of the last
+// dimension (conv2d outputs: groups = channels, count = positions).
+void CopyOutputs(const Tensor& src, int64_t groups, int64_t count, Tensor* dst, int64_t dst_count,
+                 int64_t at) {
   const int64_t batch = src.batch();
   for (int64_t n = 0; n < batch; ++n) {
     for (int64_t g = 0; g < groups; ++g) {
-      std::copy_n(src.data() + (n * groups + g) * count * span, count * span,
-                  dst->data() + ((n * groups + g) * dst_count + at) * span);
+      std::copy_n(src.data() + (n * groups + g) * count, count,
+                  dst->data() + (n * groups + g) * dst_count + at);
     }
   }
 }
@@ -115,6 +123,7 @@ Result<Chain> Chain::Create(const proto::ModelSpec& model, const proto::ChainSpe
   }
   const int n = model.layers_size();
   std::vector<int> parts(static_cast<size_t>(n), 1);
+  std::vector<bool> by_position(static_cast<size_t>(n), false);
   int previous = -1;
   for (int s = 0; s < spec.splits_size(); ++s) {
     const auto& split = spec.splits(s);
@@ -132,33 +141,42 @@ Result<Chain> Chain::Create(const proto::ModelSpec& model, const proto::ChainSpe
     if (!Splittable(l)) {
       return Status::InvalidArgument(what + ": only conv2d and dense layers can be cut");
     }
+    if (split.by_position() && !l.has_conv2d()) {
+      return Status::InvalidArgument(what + ": by_position applies to conv2d layers only");
+    }
     const int64_t limit = std::min<int64_t>(
-        kMaxLayerParts, Outputs(l, chain.layer_shapes_[static_cast<size_t>(layer) + 1]));
+        kMaxLayerParts,
+        SplitOutputs(l, chain.layer_shapes_[static_cast<size_t>(layer) + 1], split.by_position()));
     if (split.parts() < 2 || split.parts() > limit) {
       return Status::InvalidArgument(what + ": parts = " + std::to_string(split.parts()) +
                                      ", must be in [2, " + std::to_string(limit) + "]");
     }
     parts[static_cast<size_t>(layer)] = static_cast<int>(split.parts());
+    by_position[static_cast<size_t>(layer)] = split.by_position();
   }
   for (int i = 0; i < n; ++i) {
     chain.first_unit_.push_back(static_cast<int>(chain.units_.size()));
     const auto& l = model.layers(i);
     const int p = parts[static_cast<size_t>(i)];
-    const int64_t outputs =
-        Splittable(l) ? Outputs(l, chain.layer_shapes_[static_cast<size_t>(i) + 1]) : 0;
+    const auto& out_shape = chain.layer_shapes_[static_cast<size_t>(i) + 1];
+    const bool positions = by_position[static_cast<size_t>(i)];
+    const int64_t outputs = Splittable(l) ? SplitOutputs(l, out_shape, positions) : 0;
+    // Rows are counted in positions too: row r begins at position r · cols.
+    const int64_t scale = l.has_conv2d() && !positions ? out_shape[2] : 1;
     for (int j = 0; j < p; ++j) {
       Unit u;
       u.layer = i;
       u.part = j;
       u.parts = p;
-      u.out_begin = outputs * j / p;
-      u.out_end = outputs * (j + 1) / p;
+      u.out_begin = outputs * j / p * scale;
+      u.out_end = outputs * (j + 1) / p * scale;
       chain.units_.push_back(u);
       chain.unit_main_.push_back(chain.layer_shapes_[static_cast<size_t>(i)]);
     }
   }
   chain.first_unit_.push_back(static_cast<int>(chain.units_.size()));
   chain.unit_main_.push_back(chain.layer_shapes_.back());
+  chain.by_position_ = std::move(by_position);
   return chain;
 }
 
@@ -168,10 +186,16 @@ const std::vector<int64_t>& Chain::MainShape(int u) const {
 
 std::vector<int64_t> Chain::CarryShape(int u) const {
   if (u >= num_units() || unit(u).part == 0) return {};
-  // The layer's output shape cut to the rows (conv2d: {c, rows, w}) or features (dense) done.
-  std::vector<int64_t> shape = layer_shapes_[static_cast<size_t>(unit(u).layer) + 1];
-  shape[shape.size() == 3 ? 1 : 0] = unit(u).out_begin;
-  return shape;
+  return DoneShape(unit(u).layer, unit(u).out_begin);
+}
+
+std::vector<int64_t> Chain::DoneShape(int layer, int64_t done) const {
+  // conv2d cut by position: {c, positions}; by row: {c, rows, cols} (the same values in the
+  // same order); dense: {features}.
+  const std::vector<int64_t>& shape = layer_shapes_[static_cast<size_t>(layer) + 1];
+  if (shape.size() != 3) return {done};
+  if (by_position_[static_cast<size_t>(layer)]) return {shape[0], done};
+  return {shape[0], done / shape[2], shape[2]};
 }
 
 std::vector<LayerCost> Chain::UnitCosts(std::span<const LayerCost> layer_costs) const {
@@ -184,11 +208,10 @@ std::vector<LayerCost> Chain::UnitCosts(std::span<const LayerCost> layer_costs) 
     c.index = u;
     if (unit.parts > 1) {
       const auto& out_shape = layer_shapes_[static_cast<size_t>(unit.layer) + 1];
-      const bool conv = out_shape.size() == 3;
-      const int64_t outputs = conv ? out_shape[1] : out_shape[0];
+      const int64_t outputs = UnitOutputs(out_shape);
       const double share =
           static_cast<double>(unit.out_end - unit.out_begin) / static_cast<double>(outputs);
-      // Bytes of one output row (conv2d: c x w floats) or feature.
+      // Bytes of one output position (conv2d: c floats) or feature.
       const int64_t plane_bytes = 4 * Product(out_shape) / outputs;
       c.name =
           layer.name + "[" + std::to_string(unit.part) + "/" + std::to_string(unit.parts) + "]";
@@ -201,6 +224,7 @@ std::vector<LayerCost> Chain::UnitCosts(std::span<const LayerCost> layer_costs) 
       c.input_bytes = layer.input_bytes + unit.out_begin * plane_bytes;
       c.output_bytes = unit.part + 1 == unit.parts ? layer.output_bytes
                                                    : layer.input_bytes + unit.out_end * plane_bytes;
+      c.continues_in_next = unit.part + 1 < unit.parts;
     }
     costs.push_back(std::move(c));
   }
@@ -219,12 +243,13 @@ std::vector<double> Chain::UnitTimes(std::span<const double> layer_ms,
       const auto& out_shape = layer_shapes_[layer + 1];
       const auto count = static_cast<double>(unit.out_end - unit.out_begin);
       if (out_shape.size() == 3 && !band_row_ms.empty() && band_row_ms[layer] > 0) {
-        // A band's rows at the band kernel's rate; the part a stage's band begins with pays
-        // the band's fixed cost (the first part here, a later one in UnitEntryTimes).
-        t = count * band_row_ms[layer] +
+        // A band's positions at the band kernel's rate (band_row is per output row of cols
+        // positions); the part a stage's band begins with pays the band's fixed cost (the
+        // first part here, a later one in UnitEntryTimes).
+        t = count * band_row_ms[layer] / static_cast<double>(out_shape[2]) +
             (unit.part == 0 && !band_fixed_ms.empty() ? band_fixed_ms[layer] : 0.0);
       } else {
-        t *= count / static_cast<double>(out_shape.size() == 3 ? out_shape[1] : out_shape[0]);
+        t *= count / static_cast<double>(UnitOutputs(out_shape));
       }
     }
     times.push_back(t);
@@ -240,7 +265,7 @@ std::vector<double> Chain::UnitEntryTimes(std::span<const double> layer_join_ms,
     if (unit.parts <= 1 || unit.part == 0) continue;
     const auto layer = static_cast<size_t>(unit.layer);
     const auto& out_shape = layer_shapes_[layer + 1];
-    const double outputs = static_cast<double>(out_shape.size() == 3 ? out_shape[1] : out_shape[0]);
+    const auto outputs = static_cast<double>(UnitOutputs(out_shape));
     if (!layer_join_ms.empty()) {
       times[u] = layer_join_ms[layer] * static_cast<double>(unit.out_begin) / outputs;
     }
@@ -347,13 +372,15 @@ proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerC
     if (!Splittable(l)) continue;
     const double share = layer_costs[static_cast<size_t>(i)].forward_flops / total;
     if (share <= 1.0 / (4.0 * max_stages)) continue;
-    const int64_t parts =
-        std::min<int64_t>({static_cast<int64_t>(std::ceil(8.0 * max_stages * share)),
-                           Outputs(l, shapes[static_cast<size_t>(i) + 1]), kMaxLayerParts});
+    const bool by_position = l.has_conv2d();
+    const int64_t parts = std::min<int64_t>(
+        {static_cast<int64_t>(std::ceil(kPartsPerStageShare * max_stages * share)),
+         SplitOutputs(l, shapes[static_cast<size_t>(i) + 1], by_position), kMaxLayerParts});
     if (parts < 2) continue;
     auto* split = spec.add_splits();
     split->set_layer_index(static_cast<uint32_t>(i));
     split->set_parts(static_cast<uint32_t>(parts));
+    split->set_by_position(by_position);
   }
   return spec;
 }
@@ -377,7 +404,7 @@ struct StageExecutor::Impl {
     std::vector<std::unique_ptr<Layer>> layers;
     std::vector<Tensor> acts;
     Tensor input, carry, combined, out, out_carry;
-    RowMajorMatrix cols, product;  // conv2d bands (BandConvForward)
+    internal::BandScratch band;  // conv2d bands (BandConvForward)
   };
   std::vector<UnitParams> params;
   // The layer each unit runs, with the sample shape it takes; none for a conv2d band
@@ -561,24 +588,21 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
       int last = u;
       while (last + 1 < end_ && chain_.unit(last + 1).layer == unit.layer) ++last;
       const int64_t done = chain_.unit(last).out_end;
-      // Viewed as [rows][groups][outputs][span]: conv2d {c, rows, w} has groups = c and
-      // span = w; dense {features} has groups = 1 and span = 1.
+      // Viewed as [samples][groups][outputs]: conv2d {c, rows, w} has groups = c and
+      // outputs = rows · w positions; dense {features} has groups = 1.
       const int64_t groups = conv ? out_shape[0] : 1;
-      const int64_t span = conv ? out_shape[2] : 1;
-      std::vector<int64_t> combined_shape = out_shape;
-      combined_shape[conv ? 1 : 0] = done;
-      w.combined.Resize(WithBatch(rows, combined_shape));
+      w.combined.Resize(WithBatch(
+          rows, done == UnitOutputs(out_shape) ? out_shape : chain_.DoneShape(unit.layer, done)));
       if (unit.part > 0) {
-        CopyOutputs(*rows_carry, groups, unit.out_begin, span, &w.combined, done, 0);
+        CopyOutputs(*rows_carry, groups, unit.out_begin, &w.combined, done, 0);
       }
       const size_t k0 = static_cast<size_t>(u - begin_);
       if (conv) {
         BandConvForward(chain_.model().layers(unit.layer).conv2d(), impl.params[k0].data(), *cur,
-                        unit.out_begin, done, &w.combined, &w.cols, &w.product);
+                        out_shape, unit.out_begin, done, &w.combined, &w.band);
       } else {
         w.layers[k0]->Forward(*cur, &w.acts[k0], false);
-        CopyOutputs(w.acts[k0], groups, done - unit.out_begin, span, &w.combined, done,
-                    unit.out_begin);
+        CopyOutputs(w.acts[k0], groups, done - unit.out_begin, &w.combined, done, unit.out_begin);
       }
       if (chain_.unit(last).part + 1 < chain_.unit(last).parts) {
         // The slice ends inside the layer: its input goes on, with the rows / features done
@@ -779,40 +803,42 @@ Status DecodeActivation(const proto::EncodedTensor& encoded, const std::vector<i
 namespace internal {
 
 void BandConvForward(const proto::Conv2DSpec& conv, const float* weights, const Tensor& in,
-                     int64_t r0, int64_t r1, Tensor* out, RowMajorMatrix* cols,
-                     RowMajorMatrix* product) {
-  const int64_t n = in.batch(), c = in.dim(1), h = in.dim(2), w = in.dim(3);
-  const int64_t k = conv.kernel(), pad = conv.padding();
-  const int64_t stride = conv.stride() == 0 ? 1 : conv.stride();
-  const int64_t oc = out->dim(1), out_rows = out->dim(2), ow = out->dim(3);
-  const int64_t ckk = c * k * k;
-  const int64_t rows = r1 - r0, per_sample = rows * ow;
+                     const std::vector<int64_t>& out_shape, int64_t p0, int64_t p1, Tensor* out,
+                     BandScratch* scratch) {
+  const int64_t n = in.batch(), oc = out_shape[0];
+  ConvGeometry g;
+  g.c = in.dim(1);
+  g.h = in.dim(2);
+  g.w = in.dim(3);
+  g.k = conv.kernel();
+  g.pad = conv.padding();
+  g.stride = conv.stride() == 0 ? 1 : conv.stride();
+  g.out_h = out_shape[1];
+  g.out_w = out_shape[2];
+  const int64_t positions = out->sample_size() / oc;  // of `out`: p1 or more
+  const int64_t ckk = g.c * g.k * g.k;
+  const int64_t per_sample = p1 - p0;
   const int64_t group = std::clamp<int64_t>(kBandColumns / per_sample, 1, n);
   Eigen::Map<const RowMajorMatrix> w_map(weights, oc, ckk);
   const float* bias = weights + oc * ckk;
+  RowMajorMatrix& cols = scratch->cols;
+  RowMajorMatrix& product = scratch->product;
   for (int64_t s0 = 0; s0 < n; s0 += group) {
-    const int64_t g = std::min(group, n - s0);
-    const int64_t columns = g * per_sample;
-    cols->resize(ckk, columns);
-    // cols [ckk, g·rows·ow]: row (ch·k + ki)·k + kj, column (sample, output row, output col).
-    for (int64_t ch = 0; ch < c; ++ch) {
-      for (int64_t ki = 0; ki < k; ++ki) {
-        for (int64_t kj = 0; kj < k; ++kj) {
-          float* dst = cols->data() + ((ch * k + ki) * k + kj) * columns;
-          for (int64_t j = 0; j < g; ++j) {
-            Im2ColRows(in.data() + ((s0 + j) * c + ch) * h * w, h, w, ki, kj, stride, pad, r0, r1,
-                       ow, dst + j * per_sample);
-          }
-        }
-      }
+    const int64_t gs = std::min(group, n - s0);
+    const int64_t columns = gs * per_sample;
+    cols.resize(ckk, columns);
+    // cols [ckk, gs·per_sample]: row (ch·k + ki)·k + kj, column (sample, position).
+    for (int64_t j = 0; j < gs; ++j) {
+      Im2ColPositions(in.data() + (s0 + j) * g.c * g.h * g.w, g, p0, p1,
+                      cols.data() + j * per_sample, columns, &scratch->padded);
     }
-    // [oc, g·rows·ow] = [oc, ckk] x [ckk, g·rows·ow]
-    product->resize(oc, columns);
-    product->noalias() = w_map * (*cols);
-    for (int64_t j = 0; j < g; ++j) {
+    // [oc, gs·per_sample] = [oc, ckk] x [ckk, gs·per_sample]
+    product.resize(oc, columns);
+    product.noalias() = w_map * cols;
+    for (int64_t j = 0; j < gs; ++j) {
       for (int64_t o = 0; o < oc; ++o) {
-        const float* src = product->data() + o * columns + j * per_sample;
-        float* dst = out->data() + (((s0 + j) * oc + o) * out_rows + r0) * ow;
+        const float* src = product.data() + o * columns + j * per_sample;
+        float* dst = out->data() + ((s0 + j) * oc + o) * positions + p0;
         const float b = bias[o];
         for (int64_t i = 0; i < per_sample; ++i) dst[i] = src[i] + b;
       }

@@ -123,12 +123,13 @@ Result<std::vector<proto::LayerTiming>> MeasureLayerTimes(const Model& model,
     }
   };
 
-  // conv2d layers a pipeline may cut into bands of output rows: a band of one row and one of
-  // all rows, through the kernel a stage runs bands with, give band_fixed and band_row
-  // (wire.proto, LayerTiming): the planner then charges a stage holding r rows fixed + r·row
-  // instead of r/rows of the layer's time, which left out what a band costs on its own.
+  // conv2d layers a pipeline may cut into bands of output positions: a band of one row and one
+  // of all rows, through the kernel a stage runs bands with, give band_fixed and band_row
+  // (wire.proto, LayerTiming): the planner then charges a stage holding p positions
+  // fixed + p·row/cols instead of p/positions of the layer's time, which left out what a band
+  // costs on its own.
   struct BandTimes {
-    internal::RowMajorMatrix cols, product;
+    internal::BandScratch scratch;
     Tensor out;
     std::vector<double> one_row, all_rows;
   };
@@ -142,9 +143,11 @@ Result<std::vector<proto::LayerTiming>> MeasureLayerTimes(const Model& model,
   auto time_band = [&](int i, int64_t r1, const float* weights, std::vector<double>* times,
                        bool timed) {
     BandTimes& b = *bands[static_cast<size_t>(i)];
+    const std::vector<int64_t>& out_shape = model.InputShape(i + 1);  // {c, rows, cols}
     const auto t0 = Clock::now();
     internal::BandConvForward(model.spec().layers(i).conv2d(), weights,
-                              acts[static_cast<size_t>(i)], 0, r1, &b.out, &b.cols, &b.product);
+                              acts[static_cast<size_t>(i)], out_shape, 0, r1 * out_shape[2], &b.out,
+                              &b.scratch);
     if (timed)
       times->push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
   };

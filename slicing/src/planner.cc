@@ -327,7 +327,7 @@ StageEstimate EstimateStage(std::span<const LayerCost> costs, const Device& devi
     const LayerCost& c = costs[static_cast<size_t>(i)];
     ms_per_sample += device.layer_ms_per_sample[static_cast<size_t>(i)];
     params += c.param_bytes;
-    outputs += c.output_bytes;
+    if (!c.continues_in_next || i + 1 == end) outputs += c.output_bytes;
     scratch = std::max(scratch, c.scratch_bytes);
   }
   const int64_t in_bytes = costs[static_cast<size_t>(begin)].input_bytes;

@@ -248,6 +248,46 @@ TEST_P(ConvTest, GradientsMatchFiniteDifferences) {
   GradCheck(b, RandomTensor({2, cc.c, cc.h, cc.w}, 9), 1e-2f, 2e-3);
 }
 
+// The gather both Conv2DLayer and a pipeline's conv2d bands use: any range of output
+// positions, whole rows or not, gives each column as the convolution defines it.
+TEST_P(ConvTest, Im2ColOfAnyPositionRangeFollowsTheDefinition) {
+  const ConvCase cc = GetParam();
+  const Tensor x = RandomTensor({1, cc.c, cc.h, cc.w}, 10);
+  ConvGeometry g;
+  g.c = cc.c, g.h = cc.h, g.w = cc.w, g.k = cc.k, g.stride = cc.stride, g.pad = cc.pad;
+  g.out_h = (cc.h + 2 * cc.pad - cc.k) / cc.stride + 1;
+  g.out_w = (cc.w + 2 * cc.pad - cc.k) / cc.stride + 1;
+  const int64_t positions = g.out_h * g.out_w, rows = cc.c * cc.k * cc.k;
+  std::vector<float> padded;
+  for (auto [p0, p1] : std::vector<std::pair<int64_t, int64_t>>{
+           {0, positions},
+           {0, 1},
+           {1, positions - 1},
+           {positions - 1, positions},
+           {g.out_w / 2, std::min(positions, g.out_w / 2 + g.out_w + 1)}}) {
+    if (p0 >= p1) continue;
+    const int64_t ld = p1 - p0 + 3;  // columns of other samples would follow
+    std::vector<float> cols(static_cast<size_t>(rows * ld), -7.0f);
+    Im2ColPositions(x.data(), g, p0, p1, cols.data(), ld, &padded);
+    for (int64_t ch = 0; ch < cc.c; ++ch)
+      for (int64_t ki = 0; ki < cc.k; ++ki)
+        for (int64_t kj = 0; kj < cc.k; ++kj)
+          for (int64_t p = p0; p < p1; ++p) {
+            const int64_t ih = p / g.out_w * cc.stride - cc.pad + ki;
+            const int64_t iw = p % g.out_w * cc.stride - cc.pad + kj;
+            const bool inside = ih >= 0 && ih < cc.h && iw >= 0 && iw < cc.w;
+            const float want = inside ? x.data()[(ch * cc.h + ih) * cc.w + iw] : 0.0f;
+            const int64_t r = (ch * cc.k + ki) * cc.k + kj;
+            ASSERT_EQ(cols[static_cast<size_t>(r * ld + p - p0)], want)
+                << "positions [" << p0 << ", " << p1 << "), row " << r << ", position " << p;
+          }
+    // Nothing beyond the range is written.
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t col = p1 - p0; col < ld; ++col)
+        ASSERT_EQ(cols[static_cast<size_t>(r * ld + col)], -7.0f);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, ConvTest,
                          ::testing::Values(ConvCase{1, 5, 5, 2, 3, 1, 1},   // same padding
                                            ConvCase{2, 5, 6, 3, 3, 1, 0},   // valid, non-square

@@ -16,12 +16,15 @@ namespace {
 
 using ::testing::HasSubstr;
 
-proto::ChainSpec Splits(std::initializer_list<std::pair<int, int>> cuts) {
+// Cuts of conv2d layers by whole rows (and of dense layers by feature); with by_position,
+// the conv2d layers (only those: indices 0 and 3 in the cnn) are cut by output position.
+proto::ChainSpec Splits(std::initializer_list<std::pair<int, int>> cuts, bool by_position = false) {
   proto::ChainSpec spec;
   for (auto [layer, parts] : cuts) {
     auto* s = spec.add_splits();
     s->set_layer_index(static_cast<uint32_t>(layer));
     s->set_parts(static_cast<uint32_t>(parts));
+    s->set_by_position(by_position && (layer == 0 || layer == 3));
   }
   return spec;
 }
@@ -96,15 +99,40 @@ TEST(ChainTest, CutLayerCarriesItsInputAndTheRowsDone) {
   ASSERT_EQ(chain->num_units(), 12);
   EXPECT_EQ(chain->FirstUnitOfLayer(3), 3);
   EXPECT_EQ(chain->FirstUnitOfLayer(4), 6);
-  EXPECT_EQ(chain->unit(4).out_begin, 4);
-  EXPECT_EQ(chain->unit(4).out_end, 9);
-  EXPECT_EQ(chain->unit(5).out_end, 14);
+  // Counted in positions: rows 4-8 are positions 56-125.
+  EXPECT_EQ(chain->unit(4).out_begin, 4 * 14);
+  EXPECT_EQ(chain->unit(4).out_end, 9 * 14);
+  EXPECT_EQ(chain->unit(5).out_end, 14 * 14);
   EXPECT_EQ(chain->MainShape(4), (std::vector<int64_t>{32, 14, 14}));  // conv2's input
   EXPECT_EQ(chain->CarryShape(4), (std::vector<int64_t>{64, 4, 14}));
   EXPECT_EQ(chain->CarryShape(5), (std::vector<int64_t>{64, 9, 14}));
   EXPECT_TRUE(chain->CarryShape(6).empty());
   EXPECT_EQ(chain->MainShape(6), (std::vector<int64_t>{64, 14, 14}));
   EXPECT_EQ(chain->Describe(2, 5), "pool1..conv2[1/3]");
+}
+
+// Cut by position, a part can end inside a row: the carry is {channels, positions done}.
+TEST(ChainTest, ConvCutByPositionCarriesThePositionsDone) {
+  auto chain = Chain::Create(CnnSpec(), Splits({{3, 5}}, /*by_position=*/true));
+  ASSERT_TRUE(chain.ok()) << chain.status().ToString();
+  ASSERT_EQ(chain->num_units(), 14);
+  const int conv2 = chain->FirstUnitOfLayer(3);
+  const std::vector<int64_t> begins = {0, 39, 78, 117, 156};  // 196 · j / 5
+  for (int j = 0; j < 5; ++j) {
+    EXPECT_EQ(chain->unit(conv2 + j).out_begin, begins[static_cast<size_t>(j)]);
+    EXPECT_EQ(chain->unit(conv2 + j).out_end, j == 4 ? 196 : begins[static_cast<size_t>(j) + 1]);
+  }
+  EXPECT_TRUE(chain->CarryShape(conv2).empty());
+  EXPECT_EQ(chain->CarryShape(conv2 + 1), (std::vector<int64_t>{64, 39}));
+  EXPECT_EQ(chain->CarryShape(conv2 + 4), (std::vector<int64_t>{64, 156}));
+  EXPECT_EQ(chain->MainShape(conv2 + 4), (std::vector<int64_t>{32, 14, 14}));
+  EXPECT_EQ(chain->MainShape(conv2 + 5), (std::vector<int64_t>{64, 14, 14}));
+  auto model = Model::Create(CnnSpec());
+  ASSERT_TRUE(model.ok());
+  const auto costs = chain->UnitCosts(ComputeLayerCosts(*model));
+  EXPECT_EQ(costs[static_cast<size_t>(conv2 + 1)].output_bytes, 4 * (32 * 14 * 14 + 64 * 78));
+  // Finer than rows and finer than 14 parts: up to 64 parts of the 196 positions.
+  EXPECT_TRUE(Chain::Create(CnnSpec(), Splits({{3, 64}}, true)).ok());
 }
 
 TEST(ChainTest, UnitCostsAddUpToTheLayers) {
@@ -208,7 +236,11 @@ TEST(ChainTest, RejectsBadCuts) {
   expect_bad(Splits({{1, 2}}), "only conv2d and dense");
   expect_bad(Splits({{3, 2}, {0, 2}}), "strictly increasing");
   expect_bad(Splits({{3, 1}}), "parts = 1");
-  expect_bad(Splits({{0, 33}}), "parts = 33");  // conv1 has 32 channels
+  expect_bad(Splits({{0, 29}}), "parts = 29");        // conv1 has 28 output rows
+  expect_bad(Splits({{0, 65}}, true), "parts = 65");  // 784 positions, but at most 64 parts
+  proto::ChainSpec dense_by_position = Splits({{7, 2}});
+  dense_by_position.mutable_splits(0)->set_by_position(true);
+  expect_bad(dense_by_position, "conv2d layers only");
   proto::ModelSpec broken = CnnSpec();
   broken.set_num_classes(7);
   EXPECT_FALSE(Chain::Create(broken, {}).ok());
@@ -221,10 +253,37 @@ TEST(ChainTest, AutoSplitCutsTheHeavyLayers) {
   EXPECT_EQ(AutoSplit(CnnSpec(), costs, 1).splits_size(), 0);
   const proto::ChainSpec spec = AutoSplit(CnnSpec(), costs, 4);
   ASSERT_GE(spec.splits_size(), 1);
-  EXPECT_EQ(spec.splits(0).layer_index(), 3u);  // conv2, ~80% of the FLOPs: one band a row
-  EXPECT_EQ(spec.splits(0).parts(), 14u);
-  EXPECT_GE(AutoSplit(CnnSpec(), costs, 2).splits(0).parts(), 13u);  // ceil(16 x share)
+  // conv2, ~80% of the FLOPs, cut by position into ceil(16 · 4 · share) parts: finer than
+  // its 14 rows.
+  EXPECT_EQ(spec.splits(0).layer_index(), 3u);
+  EXPECT_TRUE(spec.splits(0).by_position());
+  double total = 0;
+  for (const auto& c : costs) total += c.forward_flops;
+  EXPECT_EQ(spec.splits(0).parts(),
+            static_cast<uint32_t>(std::ceil(64 * costs[3].forward_flops / total)));
+  EXPECT_GT(spec.splits(0).parts(), 14u);
+  EXPECT_GE(AutoSplit(CnnSpec(), costs, 2).splits(0).parts(), 26u);  // ceil(32 x share)
   EXPECT_TRUE(Chain::Create(CnnSpec(), spec).ok());
+  // A stage holds one band's output however finely its layer is cut: memory does not grow
+  // with the number of parts.
+  for (int stages : {2, 4}) {
+    auto chain = Chain::Create(CnnSpec(), AutoSplit(CnnSpec(), costs, stages));
+    ASSERT_TRUE(chain.ok());
+    auto whole = Chain::Create(CnnSpec(), {});
+    ASSERT_TRUE(whole.ok());
+    Device device;
+    device.name = "d";
+    device.layer_ms_per_sample.assign(static_cast<size_t>(chain->num_units()), 1.0);
+    PlanOptions options;
+    const StageEstimate cut =
+        EstimateStage(chain->UnitCosts(costs), device, 0, chain->num_units(), options);
+    device.layer_ms_per_sample.assign(static_cast<size_t>(whole->num_units()), 1.0);
+    const StageEstimate not_cut =
+        EstimateStage(whole->UnitCosts(costs), device, 0, whole->num_units(), options);
+    EXPECT_NEAR(static_cast<double>(cut.memory_bytes), static_cast<double>(not_cut.memory_bytes),
+                64.0)
+        << stages << " stages";
+  }
 }
 
 // Whole-layer slices give exactly the single-process logits, for any cut points, batch sizes
@@ -266,20 +325,25 @@ TEST(StageExecutorTest, CutLayersMatchTheModelClosely) {
   const proto::ModelSpec spec = CnnSpec();
   auto model = Model::Create(spec);
   ASSERT_TRUE(model.ok());
-  auto chain = Chain::Create(spec, Splits({{3, 7}, {7, 3}}));
-  ASSERT_TRUE(chain.ok());
-  const Tensor input = RandomInput(*model, 33, 9);
-  Tensor expected;
-  ASSERT_TRUE(model->Forward(input, &expected).ok());
-  // Stage boundaries inside conv2 (after parts 1 and 4) and inside fc1.
-  const int fc1 = chain->FirstUnitOfLayer(7);
-  for (const std::vector<int>& bounds : {std::vector<int>{0, 5, 8, chain->num_units()},
-                                         std::vector<int>{0, 4, 6, 9, fc1 + 1, chain->num_units()},
-                                         std::vector<int>{0, chain->num_units()}}) {
-    const Tensor got = RunPipeline(*model, *chain, bounds, input);
-    ASSERT_EQ(got.shape(), expected.shape());
-    for (int64_t i = 0; i < got.size(); ++i) {
-      ASSERT_NEAR(got.data()[i], expected.data()[i], 1e-5) << "value " << i;
+  for (bool by_position : {false, true}) {
+    SCOPED_TRACE(by_position ? "conv2 cut by position" : "conv2 cut by row");
+    // By position, conv2's 9 parts of 21-22 positions end inside rows.
+    auto chain = Chain::Create(spec, Splits({{3, by_position ? 9 : 7}, {7, 3}}, by_position));
+    ASSERT_TRUE(chain.ok());
+    const Tensor input = RandomInput(*model, 33, 9);
+    Tensor expected;
+    ASSERT_TRUE(model->Forward(input, &expected).ok());
+    // Stage boundaries inside conv2 (after parts 1 and 4) and inside fc1.
+    const int fc1 = chain->FirstUnitOfLayer(7);
+    for (const std::vector<int>& bounds :
+         {std::vector<int>{0, 5, 8, chain->num_units()},
+          std::vector<int>{0, 4, 6, 9, fc1 + 1, chain->num_units()},
+          std::vector<int>{0, chain->num_units()}}) {
+      const Tensor got = RunPipeline(*model, *chain, bounds, input);
+      ASSERT_EQ(got.shape(), expected.shape());
+      for (int64_t i = 0; i < got.size(); ++i) {
+        ASSERT_NEAR(got.data()[i], expected.data()[i], 1e-5) << "value " << i;
+      }
     }
   }
 }
@@ -295,22 +359,27 @@ TEST(StageExecutorTest, BandsOfAStridedPaddedConvMatchTheModel) {
   spec.mutable_layers(7)->mutable_dense()->set_in_features(64 * 3 * 3);
   auto model = Model::Create(spec);
   ASSERT_TRUE(model.ok()) << model.status().ToString();
-  auto chain = Chain::Create(spec, Splits({{3, 7}}));
-  ASSERT_TRUE(chain.ok()) << chain.status().ToString();
-  const int first = chain->FirstUnitOfLayer(3);
-  for (int64_t batch : {1, 7, 33}) {
-    const Tensor input = RandomInput(*model, batch, static_cast<uint64_t>(batch) + 40);
-    Tensor expected;
-    ASSERT_TRUE(model->Forward(input, &expected).ok());
-    for (const std::vector<int>& bounds :
-         {std::vector<int>{0, first + 1, chain->num_units()},
-          std::vector<int>{0, first + 3, first + 6, chain->num_units()},
-          std::vector<int>{0, first + 6, chain->num_units()}}) {
-      const Tensor got = RunPipeline(*model, *chain, bounds, input);
-      ASSERT_EQ(got.shape(), expected.shape());
-      for (int64_t i = 0; i < got.size(); ++i) {
-        ASSERT_NEAR(got.data()[i], expected.data()[i], 1e-5)
-            << "batch " << batch << ", value " << i;
+  // 7 parts: by row one row each; by position 7 positions each of the 49 (rows by chance)
+  // and 6 parts of 8-9 positions, which end inside rows.
+  for (auto [parts, by_position] : {std::pair{7, false}, std::pair{7, true}, std::pair{6, true}}) {
+    SCOPED_TRACE(std::to_string(parts) + (by_position ? " parts by position" : " parts by row"));
+    auto chain = Chain::Create(spec, Splits({{3, parts}}, by_position));
+    ASSERT_TRUE(chain.ok()) << chain.status().ToString();
+    const int first = chain->FirstUnitOfLayer(3);
+    for (int64_t batch : {1, 7, 33}) {
+      const Tensor input = RandomInput(*model, batch, static_cast<uint64_t>(batch) + 40);
+      Tensor expected;
+      ASSERT_TRUE(model->Forward(input, &expected).ok());
+      for (const std::vector<int>& bounds :
+           {std::vector<int>{0, first + 1, chain->num_units()},
+            std::vector<int>{0, first + 3, first + 5, chain->num_units()},
+            std::vector<int>{0, first + 5, chain->num_units()}}) {
+        const Tensor got = RunPipeline(*model, *chain, bounds, input);
+        ASSERT_EQ(got.shape(), expected.shape());
+        for (int64_t i = 0; i < got.size(); ++i) {
+          ASSERT_NEAR(got.data()[i], expected.data()[i], 1e-5)
+              << "batch " << batch << ", value " << i;
+        }
       }
     }
   }

@@ -152,7 +152,7 @@ int RunPlan(int argc, char** argv) {
       "time each layer on this host (scaled by each device's slowdown) instead of FLOPs")(
       "split-layers", po::bool_switch(&split_layers),
       "let the planner cut heavy layers into parts, as the coordinator does for split "
-      "inference (slicing/chain.h); the table then lists units such as conv2[3/14]")(
+      "inference (slicing/chain.h); the table then lists units such as conv2[12/53]")(
       "order", po::value(&order)->default_value("any"),
       "any: the planner picks devices and their order | given: keep the --device order")(
       "in-flight", po::value(&in_flight)->default_value(2),

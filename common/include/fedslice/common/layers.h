@@ -67,13 +67,25 @@ class Layer {
   std::vector<int64_t> output_shape_;
 };
 
-// One (input channel, kernel offset ki, kj) slice of a conv2d's im2col, for output rows
-// [oh0, oh1) of one sample: dst[(oh - oh0) · out_w + ow] = plane[ih][ow · stride + kj - pad]
-// with ih = oh · stride - pad + ki, and 0 where that falls in the zero padding. `plane` is one
-// input channel, h x w, row-major. Shared by Conv2DLayer and the row bands a pipeline cuts a
-// conv2d into (slicing/chain.cc), so that both gather exactly the same columns.
-void Im2ColRows(const float* plane, int64_t h, int64_t w, int64_t ki, int64_t kj, int64_t stride,
-                int64_t pad, int64_t oh0, int64_t oh1, int64_t out_w, float* dst);
+// The shape of a conv2d: input {c, h, w}, a k x k kernel at `stride` with `pad` zeros around,
+// output {oc, out_h, out_w}.
+struct ConvGeometry {
+  int64_t c = 0, h = 0, w = 0, k = 0, stride = 1, pad = 0, out_h = 0, out_w = 0;
+};
+
+// A conv2d's im2col columns for output positions [p0, p1) (row-major over out_h x out_w) of one
+// sample `in` ({c, h, w}): cols[r · ld + (p - p0)] for row r = (ch · k + ki) · k + kj holds
+// in[ch][oh · stride - pad + ki][ow · stride - pad + kj] with p = oh · out_w + ow, and 0 where
+// that falls in the zero padding. `padded` is scratch (resized as needed; keep it from call
+// to call). Shared by Conv2DLayer and the bands a pipeline cuts a conv2d into
+// (slicing/chain.cc), so that both gather exactly the same columns.
+//
+// Why a padded copy of each input plane: the gather is then a plain copy of a row segment per
+// (ki, kj), with no bounds checks. Checking the padding per segment instead (and a memmove
+// call per 14-float segment) made the gather ~40% of the cnn's conv2 time and a per-band
+// fixed cost (bench/stage_bench).
+void Im2ColPositions(const float* in, const ConvGeometry& g, int64_t p0, int64_t p1, float* cols,
+                     int64_t ld, std::vector<float>* padded);
 
 // Builds the layer `spec` describes for inputs of sample shape `input_shape`, after checking
 // that the two fit (channels, feature counts, kernel vs image size, ...) and that sizes are
@@ -120,9 +132,10 @@ class Conv2DLayer final : public Layer {
     Tensor cols;                 // [ckk_, p_]: one sample's im2col columns
     Tensor dcols;                // [ckk_, p_]: their gradient
     std::vector<float> partial;  // a worker's share of dW and db
+    std::vector<float> padded;   // Im2ColPositions' scratch
   };
   // One sample {c_, h_, w_} <-> its columns [ckk_, p_] (col2im overwrites `in`).
-  void Im2Col(const float* in, float* cols) const;
+  void Im2Col(const float* in, Scratch* s) const;
   void Col2Im(const float* cols, float* in) const;
   // Number of workers for a batch; sizes scratch_ for them.
   int PrepareWorkers(int64_t batch);

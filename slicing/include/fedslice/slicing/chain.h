@@ -1,20 +1,25 @@
 // The chain a pipeline is cut from, and the executor that runs one slice of it.
 //
 // Units. The planner places contiguous ranges of *units*. Every layer of the model is one unit,
-// except the layers a proto::ChainSpec splits: a conv2d layer cut into P parts by output ROW
-// (a band of rows of every channel; a dense layer: by output feature) becomes P consecutive
-// units, part j computing output rows [out_begin, out_end) from the layer's input. Why: one
-// layer can hold most of a model's work (the cnn's conv2 is ~80% of its FLOPs), so
-// whole-layer slices cannot balance K stages; parts of it can. Rows rather than channels for
-// conv2d: a band reads only the input rows under it, so the parts' im2col work adds up to the
-// layer's (cutting by channel repeats the whole im2col in every part: measured +37% of the
-// cnn's compute for 2 stages, against +7% with bands; bench/stage_bench).
+// except the layers a proto::ChainSpec splits: a conv2d layer cut into P parts by output
+// POSITION (rows x cols, row-major: a band of positions of every channel; or, without
+// LayerSplit.by_position, by whole rows) and a dense layer cut by output feature become P
+// consecutive units, part j computing outputs [out_begin, out_end) from the layer's input
+// (conv2d: counted in positions either way). Why: one layer can hold most of a model's work
+// (the cnn's conv2 is ~80% of its FLOPs), so whole-layer slices cannot balance K stages;
+// parts of it can. Positions rather than channels for conv2d: a band reads only the input
+// rows under it, so the parts' im2col work adds up to the layer's (cutting by channel repeats
+// the whole im2col in every part: measured +37% of the cnn's compute for 2 stages, against
+// +7% with bands; bench/stage_bench). Positions rather than rows: a row of the cnn's conv2 is
+// 1/14 of it, ~4-6 ms of a 4x-slower device against stages of ~25 ms, too coarse to balance
+// 3-4 stages.
 //
 // What crosses a boundary before unit u (the "activation" a stage receives):
 //   main  [batch] + MainShape(u): the input of u's layer (for u = num_units(): the logits),
 //   carry [batch] + CarryShape(u): when u is part j > 0 of a split layer, the outputs of parts
-//         0..j-1: rows [0, out_begin(u)) of every channel ({c, rows, w}) of a conv2d,
-//         features [0, out_begin(u)) of a dense layer; otherwise empty.
+//         0..j-1: positions [0, out_begin(u)) of every channel of a conv2d ({c, positions};
+//         {c, rows, cols} when it is cut by whole rows), features [0, out_begin(u)) of a
+//         dense layer; otherwise empty.
 // A stage that ends inside a split layer so sends the layer's input onward with the rows /
 // features computed so far; the stage that computes its last part joins them.
 //
@@ -50,19 +55,23 @@ struct Unit {
   int layer = 0;  // model layer index
   int part = 0;   // 0 .. parts-1
   int parts = 1;  // 1: the whole layer
-  // Output rows (conv2d) or features (dense) this unit computes; a whole layer of another
-  // kind has [0, 0).
+  // Output positions (conv2d: row-major over rows x cols) or features (dense) this unit
+  // computes; a whole layer of another kind has [0, 0).
   int64_t out_begin = 0;
   int64_t out_end = 0;
 };
 
 // Most parts a layer may be cut into (keeps the chain, and the planner's search, small).
 inline constexpr int kMaxLayerParts = 64;
+// AutoSplit cuts a layer holding a share s of the model's FLOPs into about
+// kPartsPerStageShare · K · s parts for K stages.
+inline constexpr double kPartsPerStageShare = 16.0;
 
 class Chain {
  public:
   // Validates `model` (as Model::Create does) and `spec`: layer indices strictly increasing
-  // and in range, only conv2d and dense layers, 2 <= parts <= min(kMaxLayerParts, outputs).
+  // and in range, only conv2d and dense layers, by_position only for conv2d,
+  // 2 <= parts <= min(kMaxLayerParts, what is cut).
   // InvalidArgument names the offending entry.
   static Result<Chain> Create(const proto::ModelSpec& model, const proto::ChainSpec& spec);
 
@@ -88,8 +97,9 @@ class Chain {
   // the last part). Names are "conv2[2/7]" for parts.
   std::vector<LayerCost> UnitCosts(std::span<const LayerCost> layer_costs) const;
   // Per-unit times from per-layer times (size num_layers()): a part takes its share. With band
-  // costs (size num_layers(), or empty; 0 = not measured), a part of a cut conv2d layer takes
-  // rows × band_row, and part 0 also band_fixed (a stage's band begins there).
+  // costs (size num_layers(), or empty; 0 = not measured), a part of a cut conv2d layer of
+  // `cols` output columns takes positions × band_row / cols, and part 0 also band_fixed (a
+  // stage's band begins there).
   std::vector<double> UnitTimes(std::span<const double> layer_ms,
                                 std::span<const double> band_fixed_ms = {},
                                 std::span<const double> band_row_ms = {}) const;
@@ -123,15 +133,22 @@ class Chain {
   std::vector<std::vector<int64_t>> unit_main_;     // MainShape per boundary
   std::vector<int64_t> layer_offsets_;              // into the model's flat buffer
   std::vector<int64_t> layer_params_;               // per layer
+  std::vector<bool> by_position_;                   // per layer: a conv2d cut by position
+
+  // Sample shape of the first `done` outputs of cut layer `layer` (CarryShape's).
+  std::vector<int64_t> DoneShape(int layer, int64_t done) const;
+  friend class StageExecutor;
 };
 
 // Which layers to cut for a pipeline of up to `max_stages` stages: a conv2d or dense layer
 // holding more than 1/(4·max_stages) of the model's forward FLOPs is cut into
-// ceil(8·max_stages·share) parts (at most its output rows / features and kMaxLayerParts), so
-// that stage boundaries can fall within ~1/(8·max_stages) of the ideal balance. Finer is
-// nearly free (a stage runs its consecutive parts as one band); coarser was not: with 2·K
-// parts the cnn's 3- and 4-stage plans were 14% off balance, with 4·K its 2-stage plan 13%
-// (7 bands of conv2, each ~9% of the model). max_stages <= 1: no cuts.
+// ceil(kPartsPerStageShare·max_stages·share) parts (conv2d by position; at most its output
+// positions / features and kMaxLayerParts), so that stage boundaries can fall within
+// ~1/(16·max_stages) of the ideal balance. Finer is nearly free (a stage runs its
+// consecutive parts as one band); coarser was not: with 2·K parts the cnn's 3- and 4-stage
+// plans were 14% off balance, with 4·K its 2-stage plan 13% (7 bands of conv2, each ~9% of
+// the model), and with its 14 rows as the finest grain the 4-stage plan left its first stage
+// ~20% short of the others. max_stages <= 1: no cuts.
 proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerCost> layer_costs,
                            int max_stages);
 

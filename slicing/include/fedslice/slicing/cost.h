@@ -42,6 +42,9 @@ struct LayerCost {
   int64_t input_bytes = 0;    // per sample
   int64_t output_bytes = 0;   // per sample
   int64_t scratch_bytes = 0;  // per worker thread
+  // A part of a cut layer (Chain::UnitCosts) other than the last: a stage that also holds the
+  // next part runs both as one band, so this part's output is never held on its own.
+  bool continues_in_next = false;
 };
 
 // The static costs of every layer of `model`, in layer order (size num_layers()).

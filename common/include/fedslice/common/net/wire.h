@@ -34,7 +34,9 @@ namespace fedslice::net {
 // Protocol version spoken by this build. A peer with another major is refused; minor versions
 // are compatible (new message types are answered with ERROR_UNSUPPORTED_MESSAGE).
 inline constexpr uint32_t kProtocolMajor = 1;
-inline constexpr uint32_t kProtocolMinor = 1;  // 1.1: split inference (fields 40-49)
+// 1.1: split inference (fields 40-49); 1.2: conv2d layers cut by position
+// (LayerSplit.by_position).
+inline constexpr uint32_t kProtocolMinor = 2;
 
 inline constexpr std::array<uint8_t, 4> kFrameMagic = {'F', 'S', 'L', '1'};
 inline constexpr size_t kFrameHeaderBytes = 8;
