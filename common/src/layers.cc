@@ -152,12 +152,22 @@ void Im2ColPositions(const float* in, const ConvGeometry& g, int64_t p0, int64_t
   padded->resize(static_cast<size_t>(ph * pw));
   float* pad_plane = padded->data();
   const int64_t first_row = p0 / g.out_w, first_col = p0 % g.out_w;
-  // The border stays 0 from plane to plane; only the interior is rewritten.
-  std::fill_n(pad_plane, ph * pw, 0.0f);
+  const int64_t last_row = (p1 - 1) / g.out_w;
+  // Only the padded rows under the band are read (a band of a few output rows should not
+  // pay for the whole plane): padded rows [y0, y1), of which image rows [iy0, iy1).
+  const int64_t y0 = first_row * g.stride, y1 = std::min(ph, last_row * g.stride + g.k);
+  const int64_t iy0 = std::max(y0 - g.pad, int64_t{0}), iy1 = std::min(y1 - g.pad, g.h);
+  // Zero once; the image part of these rows is rewritten for every channel, the padding
+  // around it stays 0.
+  std::fill(pad_plane + y0 * pw, pad_plane + y1 * pw, 0.0f);
   for (int64_t ch = 0; ch < g.c; ++ch) {
-    const float* plane = in + ch * g.h * g.w;
-    for (int64_t y = 0; y < g.h; ++y) {
-      std::copy_n(plane + y * g.w, g.w, pad_plane + (y + g.pad) * pw + g.pad);
+    const float* __restrict plane = in + ch * g.h * g.w;
+    for (int64_t y = iy0; y < iy1; ++y) {
+      // An inline loop, not std::copy: rows are short (14-28 floats) and a memmove call per
+      // row cost more than the copy.
+      const float* __restrict src = plane + y * g.w;
+      float* __restrict dst = pad_plane + (y + g.pad) * pw + g.pad;
+      for (int64_t x = 0; x < g.w; ++x) dst[x] = src[x];
     }
     for (int64_t ki = 0; ki < g.k; ++ki) {
       for (int64_t kj = 0; kj < g.k; ++kj) {
