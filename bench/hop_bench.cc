@@ -4,7 +4,7 @@
 //
 // The micro-batch is the one that crosses the boundary of the 2-stage `cnn` plan over two
 // identical devices (the planner cuts conv2 into parts, so the boundary carries conv2's input
-// plus the channels done; see chain.h), 64 images. The sender encodes it (fp32 or int8) and
+// plus the positions done; see chain.h), 64 images. The sender encodes it (fp32, fp16 or int8) and
 // sends; the receiver decodes it with its shape checked, as a stage does, and acknowledges it;
 // at most 2 micro-batches are unacknowledged (the pipeline's in_flight). Counters:
 //   hop_ms      wall time per micro-batch in steady state (what a pipeline's throughput sees)
@@ -223,6 +223,7 @@ void BM_PerHop(benchmark::State& state, const char* codec_name) {
 }
 
 BENCHMARK_CAPTURE(BM_PerHop, fp32, "fp32")->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK_CAPTURE(BM_PerHop, fp16, "fp16")->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK_CAPTURE(BM_PerHop, int8, "int8")->Arg(64)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace

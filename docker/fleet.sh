@@ -32,7 +32,7 @@
 #                       jitter, loss, rate; needs the kernel's sch_netem)
 #   --stages K          split-inference stages (default 3; 0 skips split inference)
 #   --micro-batch B     split-inference micro-batch (default 64)
-#   --activations A     activations between stages: fp32 | int8 (default fp32)
+#   --activations A     activations between stages: fp32 | fp16 | int8 (default fp32)
 #   --limit N           classify only the first N test images (default: all 2,000)
 #   --min-accuracy A    fail below this test accuracy, after training and of the split
 #                       inference (default 0.85)
@@ -133,8 +133,8 @@ natural --stages "$stages"
 natural --limit "$limit"
 (( stages <= clients )) || die "--stages $stages needs at least as many clients (--clients $clients)"
 [[ "$model" == mlp || "$model" == cnn ]] || die "--model must be mlp or cnn, got '$model'"
-[[ "$activations" == fp32 || "$activations" == int8 ]] ||
-  die "--activations must be fp32 or int8, got '$activations'"
+[[ "$activations" == fp32 || "$activations" == fp16 || "$activations" == int8 ]] ||
+  die "--activations must be fp32, fp16 or int8, got '$activations'"
 { [[ "$cpus" =~ ^[0-9]+(\.[0-9]+)?$ ]] && awk -v c="$cpus" 'BEGIN { exit !(c > 0) }'; } ||
   die "--cpus must be a positive number, got '$cpus'"
 [[ "$memory" =~ ^[1-9][0-9]*[kmgKMG]?$ ]] || die "--memory must look like 512m or 2g, got '$memory'"

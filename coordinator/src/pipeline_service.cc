@@ -76,11 +76,11 @@ void PipelineService::HandleRequest(const net::SessionPtr& requester,
   if (request.activation_codec().empty()) {
     request.set_activation_codec(std::string(slicing::kActivationFp32));
   }
-  if (request.activation_codec() != slicing::kActivationFp32 &&
-      request.activation_codec() != slicing::kActivationInt8) {
+  if (!slicing::IsActivationCodec(request.activation_codec())) {
     return ReplyError(requester, proto::ERROR_INVALID_MESSAGE,
                       "activation codec '" + request.activation_codec() +
-                          "' is not supported between stages (use fp32 or int8)",
+                          "' is not supported between stages (use " +
+                          std::string(slicing::kActivationCodecList) + ")",
                       seq);
   }
   if (request.micro_batch() > static_cast<uint32_t>(slicing::StageExecutor::kMaxBatch)) {

@@ -14,6 +14,7 @@
 #include "band_conv.h"
 #include "fedslice/common/net/encoded_tensor.h"
 #include "fedslice/common/threading.h"
+#include "fedslice/slicing/pipeline.h"
 
 namespace fedslice::slicing {
 namespace {
@@ -705,10 +706,7 @@ Result<proto::ActivationBatch> StageExecutor::RunMessage(const proto::Activation
   const double cpu_start = ThreadCpuSeconds();
   // A slice that ends inside the layer it starts in sends that layer's input on as it came:
   // the received bytes are forwarded rather than encoded again (when the codec is the same).
-  const bool forward_input =
-      PassesInputThrough() &&
-      batch.data().codec() ==
-          (codec.kind == codec::CodecKind::kFp32 ? std::string("fp32") : std::string("int8"));
+  const bool forward_input = PassesInputThrough() && batch.data().codec() == codec.name;
   FEDSLICE_RETURN_IF_ERROR(RunTensors(in, carry, &out, &out_carry, !forward_input));
   if (times != nullptr) {
     times->cpu_seconds = ThreadCpuSeconds() - cpu_start;
@@ -768,11 +766,11 @@ Status EncodeActivation(const Tensor& tensor, const codec::CodecSpec& codec,
                         proto::EncodedTensor* out) {
   if (codec.kind == codec::CodecKind::kFp32) {
     FEDSLICE_RETURN_IF_ERROR(net::EncodeFp32(tensor.span(), out));
-  } else if (codec.kind == codec::CodecKind::kInt8) {
+  } else if (IsActivationCodec(codec.name)) {
     FEDSLICE_RETURN_IF_ERROR(codec::Encode(codec, tensor.span(), out));
   } else {
-    return Status::InvalidArgument("activation codec '" + codec.name +
-                                   "' is not supported; use fp32 or int8");
+    return Status::InvalidArgument("activation codec '" + codec.name + "' is not supported; use " +
+                                   std::string(kActivationCodecList));
   }
   out->clear_shape();
   for (int64_t d : tensor.shape()) out->add_shape(d);
@@ -781,9 +779,9 @@ Status EncodeActivation(const Tensor& tensor, const codec::CodecSpec& codec,
 
 Status DecodeActivation(const proto::EncodedTensor& encoded, const std::vector<int64_t>& shape,
                         Tensor* out) {
-  if (encoded.codec() != "fp32" && encoded.codec() != "int8") {
+  if (!IsActivationCodec(encoded.codec())) {
     return Status::InvalidArgument("activation codec '" + encoded.codec().substr(0, 64) +
-                                   "' is not supported; use fp32 or int8");
+                                   "' is not supported; use " + std::string(kActivationCodecList));
   }
   const std::vector<int64_t> got(encoded.shape().begin(), encoded.shape().end());
   if (got != shape) {

@@ -207,9 +207,9 @@ Result<InferenceReport> InferenceRequester::Run(const Tensor& images,
     return Status::InvalidArgument("micro_batch must be in [1, " +
                                    std::to_string(StageExecutor::kMaxBatch) + "]");
   }
-  if (options.activation_codec != kActivationFp32 && options.activation_codec != kActivationInt8) {
-    return Status::InvalidArgument("activation codec '" + options.activation_codec +
-                                   "' is not fp32 or int8");
+  if (!IsActivationCodec(options.activation_codec)) {
+    return Status::InvalidArgument("activation codec '" + options.activation_codec + "' is not " +
+                                   std::string(kActivationCodecList));
   }
   if (options.max_replans < 0) return Status::InvalidArgument("max_replans must be >= 0");
   for (milliseconds t : {options.plan_timeout, options.progress_timeout, options.connect_timeout,

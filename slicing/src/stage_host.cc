@@ -1017,8 +1017,9 @@ Status StageHost::Assign(const proto::SliceAssign& a) {
   s->timed = impl_->options.slowdown <= 1.0;  // only emulation needs the slice's speed first
   const std::string codec_name =
       a.activation_codec().empty() ? std::string(kActivationFp32) : a.activation_codec();
-  if (codec_name != kActivationFp32 && codec_name != kActivationInt8) {
-    return invalid("activation codec '" + codec_name + "' is not fp32 or int8");
+  if (!IsActivationCodec(codec_name)) {
+    return invalid("activation codec '" + codec_name + "' is not " +
+                   std::string(kActivationCodecList));
   }
   auto chain = Chain::Create(a.model(), a.chain());
   if (!chain.ok()) return chain.status().WithContext(where);

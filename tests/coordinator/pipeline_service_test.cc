@@ -477,9 +477,9 @@ TEST_F(PipelineServiceTest, RequestsThatCannotBeServedAreRefusedWithTheReason) {
   FakeClient a = Register("client-1", "127.0.0.1:41001");
   WaitServing(2);
   proto::Envelope codec = Request(2, 0);
-  codec.mutable_pipeline_request()->set_activation_codec("fp16");
+  codec.mutable_pipeline_request()->set_activation_codec("int4");
   ASSERT_TRUE(requester->Send(std::move(codec)).ok());
-  ExpectError(*requester, proto::ERROR_INVALID_MESSAGE, "'fp16'");
+  ExpectError(*requester, proto::ERROR_INVALID_MESSAGE, "'int4'");
 
   ASSERT_TRUE(requester->Send(Request(3, 2)).ok());
   ExpectError(*requester, proto::ERROR_RESOURCE_EXHAUSTED, "only 1 client(s) can host one");

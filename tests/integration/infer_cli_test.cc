@@ -79,17 +79,16 @@ class InferCliTest : public ::testing::Test {
 
 TEST_F(InferCliTest, BadFlagsAreUsageErrors) {
   const std::vector<std::string> tls = RequesterTls();
-  for (const auto& [args, mentions] :
-       std::vector<std::pair<std::vector<std::string>, std::string>>{
+  for (const auto& [args, mentions] : std::vector<std::pair<std::vector<std::string>, std::string>>{
            {Cat({"infer", "--data", "d"}, tls), "--coordinator"},
            {Cat({"infer", "--coordinator", "localhost", "--data", "d"}, tls), "no port"},
            {Cat({"infer", "--coordinator", "127.0.0.1:7400"}, tls), "--data"},
            {Cat({"infer", "--coordinator", "127.0.0.1:7400", "--data", "d", "--images", "i"}, tls),
             "--data"},
            {Cat({"infer", "--coordinator", "127.0.0.1:7400", "--data", "d", "--activations",
-                 "fp16"},
+                 "bf16"},
                 tls),
-            "fp32 or int8"},
+            "fp32, fp16 or int8"},
            {Cat({"infer", "--coordinator", "127.0.0.1:7400", "--data", "d", "--micro-batch", "0"},
                 tls),
             "--micro-batch"},

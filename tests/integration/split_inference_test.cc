@@ -348,6 +348,19 @@ TEST_F(SplitInferenceTest, CnnOverThreeClientsMatchesOneProcess) {
   EXPECT_LE(std::abs(Correct(int8->logits) - expected.correct), 10);
   std::printf("int8 activations: max |logit difference| %.4f, accuracy %.2f%% vs %.2f%% (fp32)\n",
               diff, Correct(int8->logits) / 20.0, expected.correct / 20.0);
+
+  // fp16 activations: half the bytes; each value keeps 11 significant bits, so the logits
+  // move by ~1e-3 and a prediction changes only on a near tie (bound asserted: 2 images).
+  options.activation_codec = "fp16";
+  auto fp16 = requester->Run(TestImages(), options);
+  ASSERT_TRUE(fp16.ok()) << fp16.status().ToString();
+  EXPECT_EQ(fp16->answered, 2000);
+  const double half_diff = MaxAbsDiff(fp16->logits, expected.logits);
+  EXPECT_GT(half_diff, 0.0);
+  EXPECT_LT(half_diff, 0.05);
+  EXPECT_LE(std::abs(Correct(fp16->logits) - expected.correct), 2);
+  std::printf("fp16 activations: max |logit difference| %.4f, accuracy %.2f%% vs %.2f%% (fp32)\n",
+              half_diff, Correct(fp16->logits) / 20.0, expected.correct / 20.0);
 }
 
 TEST_F(SplitInferenceTest, StageKilledMidStreamLosesNothingAndAnswersNothingTwice) {

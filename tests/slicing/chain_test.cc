@@ -385,7 +385,7 @@ TEST(StageExecutorTest, BandsOfAStridedPaddedConvMatchTheModel) {
   }
 }
 
-TEST(StageExecutorTest, MessagesRoundTripWithFp32AndInt8Activations) {
+TEST(StageExecutorTest, MessagesRoundTripWithFp32Fp16AndInt8Activations) {
   const proto::ModelSpec spec = CnnSpec();
   auto model = Model::Create(spec);
   ASSERT_TRUE(model.ok());
@@ -399,16 +399,23 @@ TEST(StageExecutorTest, MessagesRoundTripWithFp32AndInt8Activations) {
   const Tensor exact = RunPipeline(*model, *chain, bounds, input, &*fp32);
   auto int8 = codec::ParseCodec("int8");
   const Tensor approx = RunPipeline(*model, *chain, bounds, input, &*int8);
-  double max_exact = 0, max_approx = 0, scale = 0;
+  auto fp16 = codec::ParseCodec("fp16");
+  const Tensor half = RunPipeline(*model, *chain, bounds, input, &*fp16);
+  double max_exact = 0, max_approx = 0, max_half = 0, scale = 0;
   for (int64_t i = 0; i < expected.size(); ++i) {
     max_exact = std::max(max_exact, double{std::abs(exact.data()[i] - expected.data()[i])});
     max_approx = std::max(max_approx, double{std::abs(approx.data()[i] - expected.data()[i])});
+    max_half = std::max(max_half, double{std::abs(half.data()[i] - expected.data()[i])});
     scale = std::max(scale, double{std::abs(expected.data()[i])});
   }
   EXPECT_LE(max_exact, 1e-5);
   // int8 quantises each 256-value block to 1/255 of its range: a small, non-zero error.
   EXPECT_GT(max_approx, 0.0);
   EXPECT_LE(max_approx, 0.05 * scale);
+  // fp16 rounds each value to 11 significant bits: smaller still, and not zero.
+  EXPECT_GT(max_half, 0.0);
+  EXPECT_LE(max_half, 0.005 * scale);
+  EXPECT_LT(max_half, max_approx);
 }
 
 // Executors keep their buffers from batch to batch and hand results over by swapping: a run
@@ -446,7 +453,7 @@ TEST(StageExecutorTest, RepeatedMessagesOfOtherSizesGiveTheModelsLogits) {
             Status::Code::kInvalidArgument);
   EXPECT_EQ(stages[0]->TimeRuns(8, 1, *codec::ParseCodec("int4")).status().code(),
             Status::Code::kInvalidArgument);
-  for (const char* codec_name : {"fp32", "int8"}) {
+  for (const char* codec_name : {"fp32", "fp16", "int8"}) {
     auto codec = codec::ParseCodec(codec_name);
     ASSERT_TRUE(codec.ok());
     for (int64_t batch_size : {33, 7, 64, 33}) {

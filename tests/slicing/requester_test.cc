@@ -445,8 +445,10 @@ TEST_F(RequesterTest, RefusalsAndBadInputsAreErrors) {
   // Checked before anything is sent.
   const size_t asked = coordinator_->requests().size();
   options.num_stages = 1;
-  options.activation_codec = "fp16";
-  EXPECT_EQ(requester_->Run(images, options).status().code(), Status::Code::kInvalidArgument);
+  options.activation_codec = "int4";
+  auto bad_codec = requester_->Run(images, options);
+  EXPECT_EQ(bad_codec.status().code(), Status::Code::kInvalidArgument);
+  EXPECT_THAT(bad_codec.status().message(), HasSubstr("fp32, fp16 or int8"));
   options.activation_codec = "fp32";
   options.micro_batch = 0;
   EXPECT_EQ(requester_->Run(images, options).status().code(), Status::Code::kInvalidArgument);

@@ -453,8 +453,8 @@ TEST_F(StageHostTest, BadBatchesAreAnsweredWithErrorsAndTheStageKeepsServing) {
   {
     SCOPED_TRACE("a codec activations do not use");
     proto::Envelope e = Batch(input, 5);
-    e.mutable_activation_batch()->mutable_data()->set_codec("fp16");
-    e.mutable_activation_batch()->mutable_data()->set_payload(std::string(4 * 784 * 2, '\0'));
+    e.mutable_activation_batch()->mutable_data()->set_codec("int4");
+    e.mutable_activation_batch()->mutable_data()->set_payload(std::string(4 * 784 / 2, '\0'));
     ASSERT_TRUE(both->Send(std::move(e)).ok());
     ExpectError(*both, proto::ERROR_INVALID_TENSOR);
   }
@@ -653,7 +653,7 @@ TEST_F(StageHostTest, BadAssignmentsChangeNothing) {
          std::memcpy(s.mutable_weights()->mutable_payload()->data() + 8, &nan, 4);
        },
        ""},
-      {"fp16 activations", [](proto::SliceAssign& s) { s.set_activation_codec("fp16"); }, "fp16"},
+      {"int4 activations", [](proto::SliceAssign& s) { s.set_activation_codec("int4"); }, "int4"},
       {"units past the chain", [](proto::SliceAssign& s) { s.set_unit_end(9); }, "units"},
       {"empty range", [](proto::SliceAssign& s) { s.set_unit_end(0); }, "units"},
       {"stage index out of range", [](proto::SliceAssign& s) { s.set_stage_index(2); },

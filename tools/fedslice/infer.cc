@@ -67,7 +67,7 @@ int RunInfer(int argc, char** argv) {
       "pipeline stages K (0 = as many as the planner finds best)")(
       "micro-batch", po::value(&micro_batch)->default_value(64), "images per micro-batch")(
       "activations", po::value(&activations)->default_value("fp32"),
-      "activation codec between stages: fp32 | int8")(
+      "activation codec between stages: fp32 | fp16 | int8")(
       "in-flight", po::value(&in_flight)->default_value(2),
       "micro-batches a stage may buffer besides the one it computes")(
       "no-split-layers", po::bool_switch(&no_split_layers),
@@ -88,7 +88,7 @@ int RunInfer(int argc, char** argv) {
   auto vm = ParseOrExit(command,
                         "--coordinator HOST:PORT --ca ca.pem --cert requester.pem --key "
                         "requester.key (--data DIR | --images F --labels F) [--stages K] "
-                        "[--micro-batch M] [--activations fp32|int8] [options]",
+                        "[--micro-batch M] [--activations fp32|fp16|int8] [options]",
                         flags, argc, argv, &exit_code);
   if (!vm) return exit_code;
   auto usage = [&](const std::string& message) {
@@ -117,8 +117,8 @@ int RunInfer(int argc, char** argv) {
     return usage("--micro-batch must be in [1, " +
                  std::to_string(slicing::StageExecutor::kMaxBatch) + "]");
   }
-  if (activations != "fp32" && activations != "int8") {
-    return usage("--activations must be fp32 or int8");
+  if (!slicing::IsActivationCodec(activations)) {
+    return usage("--activations must be " + std::string(slicing::kActivationCodecList));
   }
   if (in_flight < 1 || in_flight > 64) return usage("--in-flight must be in [1, 64]");
   if (max_replans < 0) return usage("--max-replans must be >= 0");

@@ -179,7 +179,7 @@ class StageExecutor {
   Status Run(const Tensor& in, const Tensor& carry, Tensor* out, Tensor* out_carry);
 
   // The message form, for a stage: checks batch.unit == unit_begin(), num_samples in
-  // [1, kMaxBatch], decodes data and carry (fp32 or int8, sizes checked against the shapes
+  // [1, kMaxBatch], decodes data and carry (fp32, fp16 or int8, sizes checked against the shapes
   // before anything is allocated, values finite), runs, and encodes the result into a new
   // ActivationBatch (same pipeline_id and batch_id, unit = unit_end()) with `codec` —
   // callers pass fp32 for the logits of the last stage. InvalidArgument on any mismatch.
@@ -231,7 +231,7 @@ class StageExecutor {
 Status EncodeActivation(const Tensor& tensor, const codec::CodecSpec& codec,
                         proto::EncodedTensor* out);
 // Decodes an activation of exactly `shape` (batch first): shape and num_values must match
-// before anything is allocated; fp32 or int8 only. InvalidArgument otherwise.
+// before anything is allocated; fp32, fp16 or int8 only. InvalidArgument otherwise.
 Status DecodeActivation(const proto::EncodedTensor& encoded, const std::vector<int64_t>& shape,
                         Tensor* out);
 

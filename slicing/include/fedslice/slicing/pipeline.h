@@ -57,8 +57,15 @@ struct Endpoint {
 Result<Endpoint> ParseEndpoint(std::string_view text);
 
 // Activation codecs a pipeline may use between stages (inputs from the requester and logits
-// to it are always fp32).
+// to it are always fp32): fp32 (exact), fp16 (half the bytes; relative error <= 2^-11 per
+// value, values beyond ±65504 saturate) and int8 (a quarter; per-256-value-block scale and
+// offset, error <= scale/2).
 inline constexpr std::string_view kActivationFp32 = "fp32";
+inline constexpr std::string_view kActivationFp16 = "fp16";
 inline constexpr std::string_view kActivationInt8 = "int8";
+inline constexpr std::string_view kActivationCodecList = "fp32, fp16 or int8";
+inline bool IsActivationCodec(std::string_view name) {
+  return name == kActivationFp32 || name == kActivationFp16 || name == kActivationInt8;
+}
 
 }  // namespace fedslice::slicing
