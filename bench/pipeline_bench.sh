@@ -9,7 +9,10 @@
 # Environment: FEDSLICE_BUILD_DIR (build), FEDSLICE_BENCH_SLOWDOWN (4), FEDSLICE_BENCH_IMAGES
 # (2000), FEDSLICE_BENCH_REPEAT (4: the images are streamed 4 times, so that filling and
 # draining a 4-stage pipeline, 3 micro-batch times each, is ~2% of the run, not ~10%),
-# FEDSLICE_BENCH_MICRO_BATCH (64), FEDSLICE_BENCH_ACTIVATIONS (fp32).
+# FEDSLICE_BENCH_MICRO_BATCH (64), FEDSLICE_BENCH_ACTIVATIONS (fp32),
+# FEDSLICE_BENCH_PROFILE_SECONDS (1: how long each client times its layers, `fedslice-client
+# --profile-seconds`; longer can ride out a burst of other load that would make one client
+# look slower than the identical others and unbalance the plans).
 #
 # Four clients run on this host with one engine thread each. They are started one after the
 # other, each measuring its layer times while the others are idle, so that the profiles the
@@ -25,6 +28,7 @@ repeat=${FEDSLICE_BENCH_REPEAT:-4}
 in_flight=${FEDSLICE_BENCH_IN_FLIGHT:-2}
 micro=${FEDSLICE_BENCH_MICRO_BATCH:-64}
 activations=${FEDSLICE_BENCH_ACTIVATIONS:-fp32}
+profile_seconds=${FEDSLICE_BENCH_PROFILE_SECONDS:-1}
 stages_list=("$@")
 [[ ${#stages_list[@]} -gt 0 ]] || stages_list=(1 2 3 4)
 clients=4
@@ -58,7 +62,7 @@ for i in $(seq 0 $((clients - 1))); do
     --coordinator "127.0.0.1:$port" \
     --ca "$out/certs/ca.pem" --cert "$out/certs/client-$i.pem" --key "$out/certs/client-$i.key" \
     --data "$data" --partition iid --index "$i" --count "$clients" --threads 1 \
-    --stage-port 0 --slowdown "$slowdown" --device-name "edge-$i"
+    --stage-port 0 --slowdown "$slowdown" --device-name "edge-$i" --profile-seconds "$profile_seconds"
   wait_for_profiles $((i + 1)) "$out/logs/coordinator.log" "$out/logs/client-$i.log"
 done
 

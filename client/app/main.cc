@@ -6,6 +6,8 @@
 
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
+#include <algorithm>
+#include <cmath>
 #include <csignal>
 #include <fstream>
 #include <iostream>
@@ -158,7 +160,7 @@ int main(int argc, char** argv) {
   int64_t connect_timeout_ms = 10'000, welcome_timeout_ms = 30'000, backoff_initial_ms = 200,
           backoff_max_ms = 10'000, heartbeat_ms = 10'000, idle_timeout_ms = 30'000,
           give_up_after_s = 0;
-  double memory_budget_mb = 0, slowdown = 1.0;
+  double memory_budget_mb = 0, slowdown = 1.0, profile_seconds = 1.0;
   size_t max_frame_bytes = options.tls.max_frame_bytes;
   bool tls12 = false;
 
@@ -202,6 +204,9 @@ int main(int argc, char** argv) {
       ("slowdown", po::value(&slowdown)->default_value(1.0, "1"),
        "behave as a device this many times slower (waits after training; for tests and demos)")
       ("device-name", po::value(&device_name), "name reported in the device profile")
+      ("profile-seconds", po::value(&profile_seconds)->default_value(1.0, "1"),
+       "time spent timing the model's layers after registering (the fastest of the runs in "
+       "that time is reported); longer rides out bursts of other load on the device")
       ("stage-port", po::value(&stage_port),
        "host pipeline stages (split inference) on this port (0 = any free port); without it "
        "this client hosts none")
@@ -291,6 +296,12 @@ int main(int argc, char** argv) {
                 cli::kExitUsage);
   }
   if (give_up_after_s < 0) return Fail("--give-up-after-s must be >= 0", cli::kExitUsage);
+  if (!(profile_seconds > 0 && profile_seconds <= 60)) {
+    return Fail("--profile-seconds must be in (0, 60]", cli::kExitUsage);
+  }
+  // At most 15 timed runs per second of it, as by default (1 s, 15 runs).
+  options.stage_timing.budget = std::chrono::milliseconds(std::llround(profile_seconds * 1000));
+  options.stage_timing.max_runs = std::max(1, static_cast<int>(std::ceil(15 * profile_seconds)));
   for (auto [name, value] : {std::pair{"--connect-timeout-ms", connect_timeout_ms},
                              {"--welcome-timeout-ms", welcome_timeout_ms},
                              {"--backoff-initial-ms", backoff_initial_ms},

@@ -528,7 +528,7 @@ TEST_F(ClientCliTest, UsageErrorsExitTwoWithAMessage) {
   auto [help, help_log] = RunClient({"--help"}, "help");
   EXPECT_TRUE(help.success()) << help.ToString();
   for (const char* flag : {"--coordinator", "--partition", "--index", "--train-images",
-                           "--test-split", "--max-retries", "--threads"}) {
+                           "--test-split", "--max-retries", "--threads", "--profile-seconds"}) {
     EXPECT_NE(help_log.find(flag), std::string::npos) << flag;
   }
   const auto endpoint = std::vector<std::string>{"--coordinator", "127.0.0.1:7400"};
@@ -545,6 +545,10 @@ TEST_F(ClientCliTest, UsageErrorsExitTwoWithAMessage) {
       {Join(Join(endpoint, Identity("client-0")), {"--index", "0"}), "either as --data"},
       {Join(Join(endpoint, Identity("client-0")), Join(Data(0, 2), {"--bogus"})), "bogus"},
       {Join(Join(endpoint, Identity("client-0")), Join(Data(0, 2), {"--threads", "x"})), "threads"},
+      {Join(Join(endpoint, Identity("client-0")), Join(Data(0, 2), {"--profile-seconds", "0"})),
+       "--profile-seconds must be in (0, 60]"},
+      {Join(Join(endpoint, Identity("client-0")), Join(Data(0, 2), {"--profile-seconds", "nan"})),
+       "--profile-seconds must be in (0, 60]"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     auto [status, log] = RunClient(cases[i].args, "usage-" + std::to_string(i));
