@@ -606,7 +606,7 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
         CopyOutputs(w.acts[k0], groups, done - unit.out_begin, &w.combined, done, unit.out_begin);
       }
       if (chain_.unit(last).part + 1 < chain_.unit(last).parts) {
-        // The slice ends inside the layer: its input goes on, with the rows / features done
+        // The slice ends inside the layer: its input goes on, with the outputs done
         // so far. (Swapped, not copied: these are megabytes, and this is the stage's
         // compute time.) An input that passes through untouched is copied only when the
         // caller needs it (the message form forwards the encoded bytes instead).

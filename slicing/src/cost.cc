@@ -100,10 +100,10 @@ Result<std::vector<proto::LayerTiming>> MeasureLayerTimes(const Model& model,
   std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
   for (float& x : acts[0].span()) x = uniform(rng);
 
-  // Layers a pipeline may cut: a stage beginning inside one copies the rows / features
+  // Layers a pipeline may cut: a stage beginning inside one copies the positions / features
   // carried in next to its own (chain.h). Timed here as the copy of the whole output in the
-  // pieces a stage copies: per sample and channel, the rows of a conv2d output; per sample,
-  // the features of a dense one.
+  // pieces a stage copies: per sample and channel, the positions of a conv2d output; per
+  // sample, the features of a dense one.
   std::vector<bool> cuttable(static_cast<size_t>(n), false);
   for (int i = 0; i < n; ++i) {
     const auto& spec = model.spec().layers(i);
