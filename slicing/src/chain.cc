@@ -764,14 +764,11 @@ Result<StageExecutor::ComputeTimes> StageExecutor::TimeRuns(int batch, int runs,
 
 Status EncodeActivation(const Tensor& tensor, const codec::CodecSpec& codec,
                         proto::EncodedTensor* out) {
-  if (codec.kind == codec::CodecKind::kFp32) {
-    FEDSLICE_RETURN_IF_ERROR(net::EncodeFp32(tensor.span(), out));
-  } else if (IsActivationCodec(codec.name)) {
-    FEDSLICE_RETURN_IF_ERROR(codec::Encode(codec, tensor.span(), out));
-  } else {
+  if (!IsActivationCodec(codec.name)) {
     return Status::InvalidArgument("activation codec '" + codec.name + "' is not supported; use " +
                                    std::string(kActivationCodecList));
   }
+  FEDSLICE_RETURN_IF_ERROR(codec::Encode(codec, tensor.span(), out));
   out->clear_shape();
   for (int64_t d : tensor.shape()) out->add_shape(d);
   return Status::Ok();

@@ -90,6 +90,9 @@ class Chain {
   // CarryShape is empty when nothing is carried.
   const std::vector<int64_t>& MainShape(int u) const;
   std::vector<int64_t> CarryShape(int u) const;
+  // Sample shape of the first `done` outputs (0 < done < all) of cut layer `layer`, as
+  // CarryShape gives them.
+  std::vector<int64_t> DoneShape(int layer, int64_t done) const;
 
   // The planner's costs per unit, from the model's per-layer costs (ComputeLayerCosts): a part
   // gets its share of the layer's FLOPs and parameters; input_bytes counts main + carry
@@ -134,10 +137,6 @@ class Chain {
   std::vector<int64_t> layer_offsets_;              // into the model's flat buffer
   std::vector<int64_t> layer_params_;               // per layer
   std::vector<bool> by_position_;                   // per layer: a conv2d cut by position
-
-  // Sample shape of the first `done` outputs of cut layer `layer` (CarryShape's).
-  std::vector<int64_t> DoneShape(int layer, int64_t done) const;
-  friend class StageExecutor;
 };
 
 // Which layers to cut for a pipeline of up to `max_stages` stages: a conv2d or dense layer
