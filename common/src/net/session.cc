@@ -12,6 +12,9 @@
 #include <new>
 #include <utility>
 
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/io/zero_copy_stream.h>
+
 #include "fedslice/common/net/wire.h"
 #include "net/session_impl.h"
 #include "net/tls_internal.h"
@@ -27,6 +30,77 @@ std::atomic<uint64_t> g_next_session_id{1};
 
 // Frame buffers kept per session for reuse by later sends.
 constexpr size_t kSpareFrames = 2;
+// First buffer of a frame, at most: with large bytes fields aliased, what is left of any of
+// our messages is far smaller.
+constexpr size_t kFirstChunkBytes = size_t{64} << 10;
+
+// Serialization target of a frame: the bytes Protobuf writes go into chunks of our own;
+// the bytes fields it offers to alias (WriteAliasedRaw: fields longer than the block it was
+// handed, so anything above kBlock) are recorded as pieces pointing into the message. The
+// message must then outlive the write, which Outgoing ensures.
+class FrameStream final : public google::protobuf::io::ZeroCopyOutputStream {
+ public:
+  // Protobuf aliases a bytes field only when it does not fit in the block at hand, so the
+  // block size is the aliasing threshold: smaller fields are cheaper to copy than to
+  // write as a piece (and a TLS record) of their own.
+  static constexpr size_t kBlock = 8 << 10;
+
+  // `first` holds the frame header in its first `used` bytes.
+  FrameStream(FrameBuffer first, size_t used, std::vector<FrameBuffer>* chunks,
+              std::vector<std::span<const uint8_t>>* pieces)
+      : chunks_(chunks), pieces_(pieces) {
+    chunks_->push_back(std::move(first));
+    piece_begin_ = chunks_->back().data.get();
+    cur_ = piece_begin_ + used;
+  }
+
+  bool Next(void** data, int* size) override {
+    FrameBuffer& chunk = chunks_->back();
+    uint8_t* const end = chunk.data.get() + chunk.capacity;
+    if (cur_ == end) {
+      ClosePiece();
+      FrameBuffer next;
+      next.capacity = std::max<size_t>(chunk.capacity * 2, kBlock);
+      next.data.reset(new (std::nothrow) uint8_t[next.capacity]);
+      if (!next.data) return false;
+      chunks_->push_back(std::move(next));
+      piece_begin_ = cur_ = chunks_->back().data.get();
+      return Next(data, size);
+    }
+    const size_t n = std::min<size_t>(kBlock, static_cast<size_t>(end - cur_));
+    *data = cur_;
+    *size = static_cast<int>(n);
+    cur_ += n;
+    bytes_ += n;
+    return true;
+  }
+  void BackUp(int count) override {
+    cur_ -= count;
+    bytes_ -= count;
+  }
+  int64_t ByteCount() const override { return static_cast<int64_t>(bytes_); }
+  bool AllowsAliasing() const override { return true; }
+  bool WriteAliasedRaw(const void* data, int size) override {
+    ClosePiece();
+    pieces_->emplace_back(static_cast<const uint8_t*>(data), static_cast<size_t>(size));
+    bytes_ += static_cast<size_t>(size);
+    return true;
+  }
+  // After the CodedOutputStream is gone (it backs up what it did not use when destroyed).
+  void Finish() { ClosePiece(); }
+
+ private:
+  void ClosePiece() {
+    if (cur_ > piece_begin_) pieces_->emplace_back(piece_begin_, static_cast<size_t>(cur_ - piece_begin_));
+    piece_begin_ = cur_;
+  }
+
+  std::vector<FrameBuffer>* chunks_;
+  std::vector<std::span<const uint8_t>>* pieces_;
+  uint8_t* piece_begin_ = nullptr;
+  uint8_t* cur_ = nullptr;
+  size_t bytes_ = 0;
+};
 
 // The session whose OnMessage runs on this thread (on its strand), if any: PauseReading from
 // inside that callback takes effect before the next frame is read (see PauseReading).
@@ -168,30 +242,46 @@ Status SessionImpl::Enqueue(proto::Envelope envelope, SendCallback on_sent, bool
                                        std::to_string(queued_bytes_) +
                                        " bytes; the peer is not keeping up");
     }
-    FrameBuffer frame;
-    for (auto it = spare_frames_.begin(); it != spare_frames_.end(); ++it) {
-      if (it->capacity >= size) {
-        frame = std::move(*it);
-        spare_frames_.erase(it);
-        break;
+    Outgoing out;
+    FrameBuffer first;
+    if (!spare_frames_.empty()) {
+      first = std::move(spare_frames_.back());
+      spare_frames_.pop_back();
+    } else {
+      // Enough for everything but aliased fields in most messages; more chunks otherwise.
+      first.capacity = std::min(size, kFirstChunkBytes) + FrameStream::kBlock;
+      first.data.reset(new (std::nothrow) uint8_t[first.capacity]);
+      if (!first.data) {
+        return Status::ResourceExhausted("cannot allocate a frame buffer of " +
+                                         std::to_string(first.capacity) + " bytes");
       }
     }
-    if (!frame.data) {
-      frame.data.reset(new (std::nothrow) uint8_t[size]);
-      if (!frame.data) {
-        return Status::ResourceExhausted("cannot allocate a frame of " + std::to_string(size) +
-                                         " bytes");
-      }
-      frame.capacity = size;
-    }
-    frame.size = size;
-    // Serialized straight into the frame: the payload is copied once, by Protobuf.
     WriteFrameHeader(static_cast<uint32_t>(payload),
-                     std::span<uint8_t, kFrameHeaderBytes>(frame.data.get(), kFrameHeaderBytes));
-    envelope.SerializeWithCachedSizesToArray(frame.data.get() + kFrameHeaderBytes);
+                     std::span<uint8_t, kFrameHeaderBytes>(first.data.get(), kFrameHeaderBytes));
+    out.envelope = std::move(envelope);
+    bool serialized = false;
+    {
+      FrameStream stream(std::move(first), kFrameHeaderBytes, &out.chunks, &out.pieces);
+      {
+        google::protobuf::io::CodedOutputStream coded(&stream);
+        coded.EnableAliasing(true);
+        out.envelope.SerializeWithCachedSizes(&coded);
+        serialized = !coded.HadError();
+      }
+      stream.Finish();
+    }
+    size_t written = 0;
+    for (const auto& piece : out.pieces) written += piece.size();
+    if (!serialized || written != size) {
+      return Status::Internal("serializing " + BodyName(out.envelope) + " produced " +
+                              std::to_string(written) + " of " + std::to_string(size) +
+                              " frame bytes");
+    }
+    out.size = size;
+    out.on_sent = std::move(on_sent);
     ++next_seq_;
     queued_bytes_ += size;
-    queue_.push_back(Outgoing{std::move(frame), std::move(on_sent)});
+    queue_.push_back(std::move(out));
     kick = !writer_active_;
     writer_active_ = true;
   }
@@ -208,10 +298,10 @@ void SessionImpl::WriteNext() {
     } else {
       current_ = std::move(queue_.front());
       queue_.pop_front();
-      queued_bytes_ -= current_.frame.size;
+      queued_bytes_ -= current_.size;
     }
   }
-  if (!current_.frame.data) {
+  if (current_.pieces.empty()) {
     if (state_ == State::kClosing) ContinueClose();
     return;
   }
@@ -220,10 +310,10 @@ void SessionImpl::WriteNext() {
   write_timer_.async_wait([self = shared_from_this(), gen](const error_code& ec) {
     if (ec || gen != self->write_gen_) return;
     self->Fail(
-        Status::DeadlineExceeded("writing a frame of " + std::to_string(self->current_.frame.size) +
+        Status::DeadlineExceeded("writing a frame of " + std::to_string(self->current_.size) +
                                  " bytes took longer than " + Ms(self->config_.write_timeout)));
   });
-  tls_.AsyncWrite(current_.frame.data.get(), current_.frame.size,
+  tls_.AsyncWrite(current_.pieces,
                   [self = shared_from_this()](const error_code& ec) { self->OnWrite(ec); });
 }
 
@@ -238,12 +328,12 @@ void SessionImpl::OnWrite(const error_code& ec) {
     Fail(error);
     return;
   }
-  bytes_sent_.fetch_add(done.frame.size, std::memory_order_relaxed);
+  bytes_sent_.fetch_add(done.size, std::memory_order_relaxed);
   frames_sent_.fetch_add(1, std::memory_order_relaxed);
   last_send_ = Clock::now();
-  if (done.frame.capacity <= config_.buffer_keep_bytes) {
+  if (!done.chunks.empty() && done.chunks.front().capacity <= config_.buffer_keep_bytes) {
     std::lock_guard<std::mutex> lock(send_mu_);
-    if (spare_frames_.size() < kSpareFrames) spare_frames_.push_back(std::move(done.frame));
+    if (spare_frames_.size() < kSpareFrames) spare_frames_.push_back(std::move(done.chunks.front()));
   }
   if (done.on_sent) Guarded("send callback", [&] { done.on_sent(Status::Ok()); });
   WriteNext();

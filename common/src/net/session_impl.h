@@ -18,6 +18,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -42,6 +43,13 @@ class SessionOwner {
   virtual void Opened(const SessionImpl& session) = 0;
   // Once, when the session is finished (socket closed).
   virtual void Finished(const SessionImpl& session, bool handshake_ok, bool opened) = 0;
+};
+
+// Serialized bytes of a frame. Not a std::string: resizing one zero-fills, a wasted pass over
+// a buffer that is about to be overwritten.
+struct FrameBuffer {
+  std::unique_ptr<uint8_t[]> data;
+  size_t capacity = 0;
 };
 
 class SessionImpl final : public Session, public std::enable_shared_from_this<SessionImpl> {
@@ -77,15 +85,15 @@ class SessionImpl final : public Session, public std::enable_shared_from_this<Se
 
  private:
   enum class State { kIdle, kConnecting, kHandshaking, kGreeting, kOpen, kClosing, kClosed };
-  // A frame's bytes. Not a std::string: resizing one zero-fills, a wasted pass over a
-  // model-sized buffer that is about to be overwritten.
-  struct FrameBuffer {
-    std::unique_ptr<uint8_t[]> data;
-    size_t size = 0;
-    size_t capacity = 0;
-  };
+  // A queued frame: the header and the envelope's serialized bytes, except that bytes fields
+  // of more than a few KB (activations, model weights) are not copied into `chunks` but
+  // written from the envelope's own strings (Protobuf's aliasing), so `envelope` is kept
+  // until the frame is written. `pieces` lists the frame's bytes in order.
   struct Outgoing {
-    FrameBuffer frame;
+    proto::Envelope envelope;
+    std::vector<FrameBuffer> chunks;
+    std::vector<std::span<const uint8_t>> pieces;
+    size_t size = 0;  // frame bytes in all
     SendCallback on_sent;
   };
   using Clock = std::chrono::steady_clock;

@@ -17,11 +17,8 @@ namespace fedslice::net::internal {
 namespace asio = boost::asio;
 using boost::system::error_code;
 
-// OpenSSL's read buffer: with read-ahead, records are pulled from in_ in chunks of this size.
-constexpr long kSslReadBuffer = 64 << 10;
-
-// The custom BIO: writes append to out_, reads consume in_. It never blocks and never fails
-// except for lack of memory; waiting is done by the channel, asynchronously.
+// The custom BIO: writes append to out_, reads are non-blocking receives from the socket into
+// OpenSSL's buffer. It never blocks; waiting is done by the channel, asynchronously.
 struct TlsChannel::BioAccess {
   static TlsChannel* Self(BIO* b) { return static_cast<TlsChannel*>(BIO_get_data(b)); }
 
@@ -42,16 +39,23 @@ struct TlsChannel::BioAccess {
   static int Read(BIO* b, char* data, size_t len, size_t* read) {
     BIO_clear_retry_flags(b);
     TlsChannel* self = Self(b);
-    const size_t available = self->in_end_ - self->in_pos_;
-    if (available > 0) {
-      const size_t n = std::min(len, available);
-      std::memcpy(data, self->in_.get() + self->in_pos_, n);
-      self->in_pos_ += n;
+    *read = 0;
+    if (self->in_eof_ || self->read_error_) return 0;  // no retry: OpenSSL sees the end
+    error_code ec;
+    if (!self->socket_.non_blocking()) self->socket_.non_blocking(true, ec);
+    size_t n = 0;
+    if (!ec) n = self->socket_.read_some(asio::buffer(data, len), ec);
+    if (!ec) {
       *read = n;
       return 1;
     }
-    *read = 0;
-    if (!self->in_eof_) BIO_set_retry_read(b);  // else: end of stream
+    if (ec == asio::error::would_block || ec == asio::error::try_again) {
+      BIO_set_retry_read(b);
+    } else if (ec == asio::error::eof) {
+      self->in_eof_ = true;  // OpenSSL decides if that was clean
+    } else {
+      self->read_error_ = ec;
+    }
     return 0;
   }
 
@@ -59,15 +63,13 @@ struct TlsChannel::BioAccess {
     switch (cmd) {
       case BIO_CTRL_FLUSH:
         return 1;
-      case BIO_CTRL_PENDING: {
-        TlsChannel* self = Self(b);
-        return static_cast<long>(self->in_end_ - self->in_pos_);
-      }
+      case BIO_CTRL_PENDING:  // nothing buffered here: OpenSSL holds what was read
+        return 0;
       case BIO_CTRL_WPENDING:
         return 0;
       case BIO_CTRL_EOF: {
         TlsChannel* self = Self(b);
-        return self->in_eof_ && self->in_pos_ == self->in_end_ ? 1 : 0;
+        return self->in_eof_ ? 1 : 0;
       }
       default:
         return 0;
@@ -95,8 +97,6 @@ TlsChannel::~TlsChannel() {
 }
 
 Status TlsChannel::Init(SSL_CTX* ctx) {
-  in_.reset(new (std::nothrow) uint8_t[kInputBytes]);
-  if (!in_) return Status::ResourceExhausted("TLS: cannot allocate the input buffer");
   BIO_METHOD* method = BioAccess::Method();
   if (method == nullptr) return Status::Internal("TLS: cannot create the BIO method");
   ssl_ = SSL_new(ctx);
@@ -121,8 +121,8 @@ error_code TlsChannel::SslError(int ret) {
     case SSL_ERROR_ZERO_RETURN:
       return asio::error::eof;
     case SSL_ERROR_SYSCALL:
-      // Our BIO has no system errors: this is an end of stream without close_notify.
-      if (e == 0) return asio::ssl::error::stream_truncated;
+      // The socket failed under the BIO, or ended without close_notify.
+      if (e == 0) return read_error_ ? read_error_ : asio::ssl::error::stream_truncated;
       break;
     default:
       break;
@@ -190,22 +190,18 @@ void TlsChannel::StartFlush() {
 // Input
 
 void TlsChannel::FillInput(Handler next) {
-  in_pos_ = 0;
-  in_end_ = 0;
-  socket_.async_read_some(
-      asio::buffer(in_.get(), kInputBytes),
-      [this, keep = Keep(), next = std::move(next)](const error_code& ec, size_t n) {
+  // A peek, not async_wait: Asio arms a wait without first checking readiness, so an edge that
+  // arrived before it was armed (another thread running the reactor) would be missed. The
+  // receive is tried at once, and again on every edge, and consumes nothing.
+  socket_.async_receive(
+      asio::buffer(&peek_byte_, 1), asio::socket_base::message_peek,
+      [this, keep = Keep(), next = std::move(next)](const error_code& ec, size_t) {
         if (ec == asio::error::eof) {
           in_eof_ = true;  // OpenSSL decides if that was clean
           next({});
           return;
         }
-        if (ec) {
-          next(ec);
-          return;
-        }
-        in_end_ = n;
-        next({});
+        next(ec);
       });
 }
 
@@ -284,27 +280,45 @@ void TlsChannel::ReadStep(uint8_t* data, size_t n, Handler done) {
   Post(std::move(done), {});
 }
 
-void TlsChannel::AsyncWrite(const uint8_t* data, size_t n, Handler done) {
-  WriteStep(data, n, std::move(done));
+void TlsChannel::AsyncWrite(std::vector<std::span<const uint8_t>> pieces, Handler done) {
+  write_pieces_ = std::move(pieces);
+  write_index_ = 0;
+  write_offset_ = 0;
+  WriteStep(std::move(done));
 }
 
-void TlsChannel::WriteStep(const uint8_t* data, size_t n, Handler done) {
-  const size_t chunk = std::min(n, kWriteChunk);
-  ERR_clear_error();
-  size_t written = 0;
-  const int r = SSL_write_ex(ssl_, data, chunk, &written);
-  if (r != 1) {
-    const error_code ec = SslError(r);
-    Flush([done = std::move(done), ec](const error_code&) { done(ec); });
-    return;
+void TlsChannel::WriteStep(Handler done) {
+  // Up to kWriteChunk of plaintext per flush, across pieces: a small piece between two
+  // payloads (the next field's head) does not cost a system call of its own.
+  size_t budget = kWriteChunk;
+  while (budget > 0 && write_index_ < write_pieces_.size()) {
+    const std::span<const uint8_t> piece = write_pieces_[write_index_];
+    const size_t chunk = std::min(piece.size() - write_offset_, budget);
+    size_t written = 0;
+    if (chunk > 0) {
+      ERR_clear_error();
+      const int r = SSL_write_ex(ssl_, piece.data() + write_offset_, chunk, &written);
+      if (r != 1) {
+        const error_code ec = SslError(r);
+        write_pieces_.clear();
+        Flush([done = std::move(done), ec](const error_code&) { done(ec); });
+        return;
+      }
+    }
+    write_offset_ += written;
+    budget -= written;
+    if (write_offset_ == piece.size()) {
+      ++write_index_;
+      write_offset_ = 0;
+    }
   }
-  data += written;
-  n -= written;
-  Flush([this, data, n, done = std::move(done)](const error_code& ec) mutable {
-    if (ec || n == 0) {
+  const bool finished = write_index_ == write_pieces_.size();
+  if (finished) write_pieces_.clear();
+  Flush([this, finished, done = std::move(done)](const error_code& ec) mutable {
+    if (ec || finished) {
       done(ec);
     } else {
-      WriteStep(data, n, std::move(done));
+      WriteStep(std::move(done));
     }
   });
 }

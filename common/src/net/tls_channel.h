@@ -4,11 +4,15 @@
 // costs two extra copies and a full asynchronous operation on each side. A 1.6 MB
 // activation batch became ~100 operations and four extra passes over the data per hop, which
 // alone exceeded the per-hop budget of split inference. Here:
-//   - sending: OpenSSL encrypts a chunk (up to kWriteChunk) into out_ through a custom BIO,
-//     and one async_write hands it to the kernel; the next chunk is encrypted while the
-//     receiver already decrypts the previous one;
-//   - receiving: async_read_some fills a large input buffer (kInputBytes) that OpenSSL reads
-//     records from, so one system call brings many records.
+//   - sending: OpenSSL encrypts a chunk (up to kWriteChunk, read from the caller's pieces
+//     where they are) into out_ through a custom BIO, and one async_write hands it to the
+//     kernel; the next chunk is encrypted while the receiver already decrypts the previous
+//     one;
+//   - receiving: OpenSSL's own read buffer (kSslReadBuffer, with read-ahead) is filled by a
+//     non-blocking recv straight from the socket inside the BIO, so one system call brings
+//     many records and the ciphertext is not copied on its way in; when the socket is empty
+//     the channel waits for it asynchronously (a one-byte MSG_PEEK receive, which unlike
+//     async_wait cannot miss a readiness edge that came before it was armed).
 //
 // Contract: every method runs on the socket's strand. At most one read-side operation
 // (handshake, AsyncRead, AsyncDrain) and one write-side operation (AsyncWrite,
@@ -27,6 +31,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "fedslice/common/status.h"
@@ -40,8 +45,8 @@ class TlsChannel {
   // Plaintext bytes encrypted per async_write; big enough to amortise the system call, small
   // enough that the receiver starts decrypting early.
   static constexpr size_t kWriteChunk = size_t{128} << 10;
-  // Ciphertext read from the socket per system call, at most.
-  static constexpr size_t kInputBytes = size_t{128} << 10;
+  // Ciphertext read from the socket per system call, at most: OpenSSL's read buffer.
+  static constexpr size_t kSslReadBuffer = size_t{128} << 10;
 
   // `socket` is owned by the caller and must outlive this object.
   explicit TlsChannel(boost::asio::ip::tcp::socket& socket);
@@ -59,8 +64,11 @@ class TlsChannel {
   void AsyncHandshake(bool server, Handler done);
   // Reads exactly n plaintext bytes into data.
   void AsyncRead(uint8_t* data, size_t n, Handler done);
-  // Encrypts n bytes and hands them to the kernel. `data` must stay valid until `done`.
-  void AsyncWrite(const uint8_t* data, size_t n, Handler done);
+  // Encrypts the pieces, in order, as one stream of bytes and hands them to the kernel. The
+  // bytes they point to must stay valid until `done`. Pieces let a frame be written from
+  // where its parts already are (a small serialized head, a megabyte payload in a message)
+  // instead of being gathered into one buffer first.
+  void AsyncWrite(std::vector<std::span<const uint8_t>> pieces, Handler done);
   // Sends our close_notify (flushed when `done` runs).
   void AsyncCloseNotify(Handler done);
   // Reads and discards until the peer's close_notify (done(OK)) or an error.
@@ -71,10 +79,10 @@ class TlsChannel {
 
   void HandshakeStep(Handler done);
   void ReadStep(uint8_t* data, size_t n, Handler done);
-  void WriteStep(const uint8_t* data, size_t n, Handler done);
+  void WriteStep(Handler done);
   void DrainStep(Handler done);
-  // Fetches more ciphertext from the socket, then calls `next` (with the socket's error, if
-  // any; end of stream is left for OpenSSL to see).
+  // Waits until the socket has ciphertext (or its end) for the BIO to read, then calls `next`
+  // (with the socket's error, if any; end of stream is left for OpenSSL to see).
   void FillInput(Handler next);
   // Calls `done` once everything OpenSSL produced so far is handed to the kernel.
   void Flush(Handler done);
@@ -88,11 +96,16 @@ class TlsChannel {
   SSL* ssl_ = nullptr;
   std::weak_ptr<void> owner_;
 
-  // Ciphertext from the socket not yet consumed by OpenSSL: in_[in_pos_, in_end_).
-  std::unique_ptr<uint8_t[]> in_;
-  size_t in_pos_ = 0;
-  size_t in_end_ = 0;
+  // Input side of the BIO: the socket reached its end, or failed (reported instead of
+  // OpenSSL's generic "syscall" error).
   bool in_eof_ = false;
+  boost::system::error_code read_error_;
+  uint8_t peek_byte_ = 0;  // target of the readiness probe; never consumed
+
+  // Plaintext of the write in progress: write_pieces_[write_index_] from write_offset_ on.
+  std::vector<std::span<const uint8_t>> write_pieces_;
+  size_t write_index_ = 0;
+  size_t write_offset_ = 0;
 
   // Ciphertext produced by OpenSSL (out_) and the batch being written (sending_).
   std::vector<uint8_t> out_;

@@ -61,8 +61,10 @@ class Session {
   virtual std::string tls_version() const = 0;
 
   // Queues `envelope` for sending. The transport sets protocol_major/minor and seq, checks the
-  // envelope (ValidateEnvelope) and serializes it right away, so the caller may reuse nothing
-  // but also loses nothing by moving large messages in.
+  // envelope (ValidateEnvelope) and serializes it right away, except its bytes fields of more
+  // than a few KB (activations, weights): those are encrypted from the envelope itself when
+  // the frame is written, which the session keeps until then. Moving a large message in
+  // therefore copies its payload nowhere before TLS.
   // Errors: kUnavailable (closing or closed), kInvalidArgument (invalid envelope),
   // kResourceExhausted (larger than max_frame_bytes, or the send queue is full).
   virtual Status Send(proto::Envelope envelope, SendCallback on_sent = nullptr) = 0;
