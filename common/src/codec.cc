@@ -10,7 +10,7 @@
 #include <limits>
 #include <string>
 
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -61,17 +61,25 @@ uint32_t MaxAbsBits(const float* values, size_t n) {
   return m;
 }
 
-Status CheckEncodable(std::span<const float> values) {
+Status CheckCount(std::span<const float> values) {
   if (values.size() > net::kMaxTensorValues) {
     return Status::InvalidArgument("cannot encode " + std::to_string(values.size()) +
                                    " values, limit " + std::to_string(net::kMaxTensorValues));
   }
-  if (MaxAbsBits(values.data(), values.size()) >= 0x7f800000u) {
-    const size_t bad = net::FindNonFinite(values);
-    return Status::InvalidArgument("cannot encode a non-finite value (" +
-                                   std::to_string(values[bad]) + " at index " +
-                                   std::to_string(bad) + ")");
-  }
+  return Status::Ok();
+}
+
+// The error for `values`, which hold a non-finite value.
+Status NonFiniteError(std::span<const float> values) {
+  const size_t bad = net::FindNonFinite(values);
+  return Status::InvalidArgument("cannot encode a non-finite value (" +
+                                 std::to_string(values[bad]) + " at index " + std::to_string(bad) +
+                                 ")");
+}
+
+Status CheckEncodable(std::span<const float> values) {
+  FEDSLICE_RETURN_IF_ERROR(CheckCount(values));
+  if (MaxAbsBits(values.data(), values.size()) >= 0x7f800000u) return NonFiniteError(values);
   return Status::Ok();
 }
 
@@ -172,12 +180,74 @@ Status DecodeFp16(const char* in, std::span<float> out) {
 // ---------------------------------------------------------------------------------------------
 // int8 / int4: per block {min, scale}, codes q in [0, levels - 1].
 
-// Quantises one block to codes (one per byte). Returns {min, scale}.
+// One pass over a block: its min, its max and the largest |x| as bits (>= 0x7f800000 when a
+// value is not finite; min and max are then meaningless). One pass instead of three (a
+// finiteness check, Eigen's minCoeff and maxCoeff): the int8 encoding of a 3.4 MB activation
+// batch spent most of its time in those passes.
+struct BlockStats {
+  float lo, hi;
+  uint32_t abs_bits;
+};
+
+BlockStats ScanBlock(const float* p, size_t len) {
+  size_t i = 0;
+  float lo = p[0], hi = p[0];
+  uint32_t bits = 0;
+#if defined(__AVX512F__)
+  if (len >= 16) {
+    __m512 vlo = _mm512_loadu_ps(p), vhi = vlo;
+    __m512i vbits = _mm512_setzero_si512();
+    const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+    for (; i + 16 <= len; i += 16) {
+      const __m512 x = _mm512_loadu_ps(p + i);
+      vlo = _mm512_min_ps(vlo, x);
+      vhi = _mm512_max_ps(vhi, x);
+      vbits = _mm512_max_epu32(vbits, _mm512_and_si512(_mm512_castps_si512(x), abs_mask));
+    }
+    lo = _mm512_reduce_min_ps(vlo);
+    hi = _mm512_reduce_max_ps(vhi);
+    bits = _mm512_reduce_max_epu32(vbits);
+  }
+#elif defined(__AVX2__)
+  if (len >= 8) {
+    __m256 vlo = _mm256_loadu_ps(p), vhi = vlo;
+    __m256i vbits = _mm256_setzero_si256();
+    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff);
+    for (; i + 8 <= len; i += 8) {
+      const __m256 x = _mm256_loadu_ps(p + i);
+      vlo = _mm256_min_ps(vlo, x);
+      vhi = _mm256_max_ps(vhi, x);
+      vbits = _mm256_max_epu32(vbits, _mm256_and_si256(_mm256_castps_si256(x), abs_mask));
+    }
+    alignas(32) float l[8], h[8];
+    alignas(32) uint32_t b[8];
+    _mm256_store_ps(l, vlo);
+    _mm256_store_ps(h, vhi);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(b), vbits);
+    for (int k = 0; k < 8; ++k) {
+      lo = l[k] < lo ? l[k] : lo;
+      hi = h[k] > hi ? h[k] : hi;
+      bits = b[k] > bits ? b[k] : bits;
+    }
+  }
+#endif
+  for (; i < len; ++i) {
+    lo = p[i] < lo ? p[i] : lo;
+    hi = p[i] > hi ? p[i] : hi;
+    uint32_t b;
+    std::memcpy(&b, p + i, 4);
+    b &= 0x7fffffffu;
+    bits = b > bits ? b : bits;
+  }
+  return {lo, hi, bits};
+}
+
+// Quantises one block of finite values with min `lo` and max `hi` to codes (one per byte).
+// Returns {min, scale}. The vector and scalar paths compute the same IEEE operations in the
+// same order (x * 0.5 is exact), so the codes do not depend on the ISA.
 template <int kLevels>
-std::pair<float, float> QuantizeBlock(const float* p, size_t len, uint8_t* q) {
-  const ConstArrayMap block(p, static_cast<Eigen::Index>(len));
-  const float lo = block.minCoeff();
-  const float hi = block.maxCoeff();
+std::pair<float, float> QuantizeBlock(const float* p, size_t len, float lo, float hi,
+                                      uint8_t* q) {
   // The range in double: hi - lo overflows float for blocks spanning +-3e38.
   const double range = static_cast<double>(hi) - static_cast<double>(lo);
   float scale = static_cast<float>(range / (kLevels - 1));
@@ -191,7 +261,43 @@ std::pair<float, float> QuantizeBlock(const float* p, size_t len, uint8_t* q) {
   // into the inverse scale (exact except for subnormals, far below scale / 2).
   const float inv2 = static_cast<float>(2.0 * (kLevels - 1) / range);
   const float half_lo = lo * 0.5f;
-  for (size_t i = 0; i < len; ++i) {
+  size_t i = 0;
+#if defined(__AVX512F__)
+  {
+    const __m512 vhalf_lo = _mm512_set1_ps(half_lo), vinv2 = _mm512_set1_ps(inv2);
+    const __m512 zero = _mm512_setzero_ps(), top = _mm512_set1_ps(float{kLevels - 1});
+    const __m512 half = _mm512_set1_ps(0.5f);
+    for (; i + 16 <= len; i += 16) {
+      __m512 v = _mm512_mul_ps(_mm512_sub_ps(_mm512_mul_ps(_mm512_loadu_ps(p + i), half), vhalf_lo),
+                               vinv2);
+      v = _mm512_min_ps(_mm512_max_ps(v, zero), top);
+      // Codes are in [0, levels - 1]: the truncating narrowing keeps them whole.
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + i),
+                       _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_add_ps(v, half))));
+    }
+  }
+#elif defined(__AVX2__)
+  {
+    const __m256 vhalf_lo = _mm256_set1_ps(half_lo), vinv2 = _mm256_set1_ps(inv2);
+    const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(float{kLevels - 1});
+    const __m256 half = _mm256_set1_ps(0.5f);
+    auto codes = [&](const float* x) {
+      __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(x), half), vhalf_lo),
+                               vinv2);
+      v = _mm256_min_ps(_mm256_max_ps(v, zero), top);
+      return _mm256_cvttps_epi32(_mm256_add_ps(v, half));
+    };
+    // packs interleave 128-bit lanes; the permutation puts the 32 codes back in order.
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; i + 32 <= len; i += 32) {
+      const __m256i ab = _mm256_packus_epi32(codes(p + i), codes(p + i + 8));
+      const __m256i cd = _mm256_packus_epi32(codes(p + i + 16), codes(p + i + 24));
+      const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(ab, cd), order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), bytes);
+    }
+  }
+#endif
+  for (; i < len; ++i) {
     float v = (p[i] * 0.5f - half_lo) * inv2;
     v = v < 0.0f ? 0.0f : v;
     v = v > float{kLevels - 1} ? float{kLevels - 1} : v;
@@ -200,16 +306,23 @@ std::pair<float, float> QuantizeBlock(const float* p, size_t len, uint8_t* q) {
   return {lo, scale};
 }
 
-// Writes nb headers and the codes (one byte per value) for the whole vector.
+// Writes nb headers and the codes (one byte per value) for the whole vector. Returns false,
+// with the output partly written, at the first block holding a non-finite value: checking
+// each block as it is quantised, while it is in L1, instead of the whole vector first saves a
+// pass over memory (a 3.4 MB activation batch: ~20% of an int8 hop's CPU).
 template <int kLevels>
-void QuantizeAll(std::span<const float> v, uint32_t block, char* headers, uint8_t* codes) {
+bool QuantizeAll(std::span<const float> v, uint32_t block, char* headers, uint8_t* codes) {
   const size_t n = v.size();
   for (size_t b = 0, start = 0; start < n; ++b, start += block) {
     const size_t len = std::min<size_t>(block, n - start);
-    const auto [lo, scale] = QuantizeBlock<kLevels>(v.data() + start, len, codes + start);
+    const BlockStats stats = ScanBlock(v.data() + start, len);
+    if (stats.abs_bits >= 0x7f800000u) return false;
+    const auto [lo, scale] =
+        QuantizeBlock<kLevels>(v.data() + start, len, stats.lo, stats.hi, codes + start);
     StoreF32(headers + 8 * b, lo);
     StoreF32(headers + 8 * b + 4, scale);
   }
+  return true;
 }
 
 // Checks the {min, scale} headers: finite, scale >= 0, and min + (levels - 1) * scale finite.
@@ -629,7 +742,9 @@ uint64_t PayloadBytes(const CodecSpec& spec, uint64_t n) {
 Status Encode(const CodecSpec& spec, std::span<const float> values, proto::EncodedTensor* out,
               uint64_t seed) {
   if (spec.kind == CodecKind::kFp32) return net::EncodeFp32(values, out);
-  FEDSLICE_RETURN_IF_ERROR(CheckEncodable(values));
+  // int8 and int4 check finiteness block by block as they quantise (QuantizeAll).
+  const bool checked_per_block = spec.kind == CodecKind::kInt8 || spec.kind == CodecKind::kInt4;
+  FEDSLICE_RETURN_IF_ERROR(checked_per_block ? CheckCount(values) : CheckEncodable(values));
   if (spec.block_wise() && (spec.block_size == 0 || spec.block_size > kMaxBlockSize)) {
     return Status::InvalidArgument("codec " + spec.name + " needs a block size in [1, " +
                                    std::to_string(kMaxBlockSize) + "], has " +
@@ -667,7 +782,10 @@ Status Encode(const CodecSpec& spec, std::span<const float> values, proto::Encod
       EncodeFp16(values, p);
       break;
     case CodecKind::kInt8:
-      QuantizeAll<256>(values, spec.block_size, p, bytes + 8 * nb);
+      if (!QuantizeAll<256>(values, spec.block_size, p, bytes + 8 * nb)) {
+        out->Clear();
+        return NonFiniteError(values);
+      }
       break;
     case CodecKind::kInt4: {
       // One code per byte into a scratch, then two per byte into the payload.
@@ -677,7 +795,10 @@ Status Encode(const CodecSpec& spec, std::span<const float> values, proto::Encod
       } catch (const std::exception& e) {
         return Status::ResourceExhausted(std::string("int4 scratch: ") + e.what());
       }
-      QuantizeAll<16>(values, spec.block_size, p, codes.data());
+      if (!QuantizeAll<16>(values, spec.block_size, p, codes.data())) {
+        out->Clear();
+        return NonFiniteError(values);
+      }
       codes[n] = 0;
       uint8_t* packed = bytes + 8 * nb;
       for (uint64_t j = 0; j < (n + 1) / 2; ++j) {

@@ -356,6 +356,19 @@ TEST(CodecEncode, RejectsNonFiniteInput) {
   v[17] = std::numeric_limits<float>::infinity();
   proto::EncodedTensor t;
   EXPECT_FALSE(Encode(Spec("int8"), v, &t).ok());
+
+  // int8 and int4 check block by block as they quantise: a bad value in a late block (the
+  // earlier blocks already written) is still named, and nothing half-encoded is left behind.
+  auto w = RandomVector(1000, 15);
+  w[700] = -std::numeric_limits<float>::infinity();
+  for (const char* name : {"int8", "int4"}) {
+    proto::EncodedTensor u;
+    const Status s = Encode(Spec(name), w, &u);
+    ASSERT_FALSE(s.ok()) << name;
+    EXPECT_NE(s.message().find("index 700"), std::string::npos) << s.message();
+    EXPECT_EQ(u.num_values(), 0u) << name;
+    EXPECT_TRUE(u.payload().empty()) << name;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
