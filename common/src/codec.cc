@@ -246,8 +246,7 @@ BlockStats ScanBlock(const float* p, size_t len) {
 // Returns {min, scale}. The vector and scalar paths compute the same IEEE operations in the
 // same order (x * 0.5 is exact), so the codes do not depend on the ISA.
 template <int kLevels>
-std::pair<float, float> QuantizeBlock(const float* p, size_t len, float lo, float hi,
-                                      uint8_t* q) {
+std::pair<float, float> QuantizeBlock(const float* p, size_t len, float lo, float hi, uint8_t* q) {
   // The range in double: hi - lo overflows float for blocks spanning +-3e38.
   const double range = static_cast<double>(hi) - static_cast<double>(lo);
   float scale = static_cast<float>(range / (kLevels - 1));
@@ -282,8 +281,8 @@ std::pair<float, float> QuantizeBlock(const float* p, size_t len, float lo, floa
     const __m256 zero = _mm256_setzero_ps(), top = _mm256_set1_ps(float{kLevels - 1});
     const __m256 half = _mm256_set1_ps(0.5f);
     auto codes = [&](const float* x) {
-      __m256 v = _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(x), half), vhalf_lo),
-                               vinv2);
+      __m256 v =
+          _mm256_mul_ps(_mm256_sub_ps(_mm256_mul_ps(_mm256_loadu_ps(x), half), vhalf_lo), vinv2);
       v = _mm256_min_ps(_mm256_max_ps(v, zero), top);
       return _mm256_cvttps_epi32(_mm256_add_ps(v, half));
     };

@@ -1,3 +1,5 @@
+#include <google/protobuf/io/coded_stream.h>
+#include <google/protobuf/io/zero_copy_stream.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 #include <spdlog/spdlog.h>
@@ -11,9 +13,6 @@
 #include <exception>
 #include <new>
 #include <utility>
-
-#include <google/protobuf/io/coded_stream.h>
-#include <google/protobuf/io/zero_copy_stream.h>
 
 #include "fedslice/common/net/wire.h"
 #include "net/session_impl.h"
@@ -91,7 +90,8 @@ class FrameStream final : public google::protobuf::io::ZeroCopyOutputStream {
 
  private:
   void ClosePiece() {
-    if (cur_ > piece_begin_) pieces_->emplace_back(piece_begin_, static_cast<size_t>(cur_ - piece_begin_));
+    if (cur_ > piece_begin_)
+      pieces_->emplace_back(piece_begin_, static_cast<size_t>(cur_ - piece_begin_));
     piece_begin_ = cur_;
   }
 
@@ -333,7 +333,8 @@ void SessionImpl::OnWrite(const error_code& ec) {
   last_send_ = Clock::now();
   if (!done.chunks.empty() && done.chunks.front().capacity <= config_.buffer_keep_bytes) {
     std::lock_guard<std::mutex> lock(send_mu_);
-    if (spare_frames_.size() < kSpareFrames) spare_frames_.push_back(std::move(done.chunks.front()));
+    if (spare_frames_.size() < kSpareFrames)
+      spare_frames_.push_back(std::move(done.chunks.front()));
   }
   if (done.on_sent) Guarded("send callback", [&] { done.on_sent(Status::Ok()); });
   WriteNext();

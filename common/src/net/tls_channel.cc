@@ -7,9 +7,7 @@
 #include <boost/asio/post.hpp>
 #include <boost/asio/ssl/error.hpp>
 #include <boost/asio/write.hpp>
-#include <cstring>
 #include <exception>
-#include <new>
 #include <utility>
 
 namespace fedslice::net::internal {
