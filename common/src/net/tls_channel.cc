@@ -61,9 +61,8 @@ struct TlsChannel::BioAccess {
     switch (cmd) {
       case BIO_CTRL_FLUSH:
         return 1;
-      case BIO_CTRL_PENDING:  // nothing buffered here: OpenSSL holds what was read
-        return 0;
-      case BIO_CTRL_WPENDING:
+      case BIO_CTRL_PENDING:   // nothing buffered here: OpenSSL holds what was read
+      case BIO_CTRL_WPENDING:  // and out_ is the channel's, flushed by it
         return 0;
       case BIO_CTRL_EOF: {
         TlsChannel* self = Self(b);
