@@ -151,9 +151,9 @@ class StageHost {
   // unit range, stage_index < num_stages, the last stage (unit_end = num_units) has no
   // downstream and the others have a parseable downstream_endpoint and a
   // downstream_identity, identities set, micro_batch in [1, StageExecutor::kMaxBatch],
-  // in_flight in [1, kMaxStageInFlight], activation codec "fp32" (or empty) or "int8", and
-  // fp32 weights of exactly Chain::SliceParamCount values (checked before allocating), all
-  // finite. InvalidArgument naming the problem; on error nothing changes.
+  // in_flight in [1, kMaxStageInFlight], activation codec "fp32" (or empty), "fp16" or
+  // "int8", and fp32 weights of exactly Chain::SliceParamCount values (checked before
+  // allocating), all finite. InvalidArgument naming the problem; on error nothing changes.
   Status Assign(const proto::SliceAssign& assign);
 
   // Drops the slice of `pipeline_id` and closes its sessions (Bye BYE_NORMAL); batches not
