@@ -360,7 +360,9 @@ Result<InferenceReport> InferenceRequester::Run(const Tensor& images,
     const std::string& first_client = plan.stages(0).client_id();
     const std::string& last_client = plan.stages(k - 1).client_id();
     const uint32_t last_unit = plan.stages(k - 1).unit_end();
-    const size_t window = static_cast<size_t>(k) * (plan.in_flight() + 1) + 1;
+    const size_t window = options.max_outstanding != 0
+                              ? options.max_outstanding
+                              : static_cast<size_t>(k) * (plan.in_flight() + 1) + 1;
     std::vector<int64_t> to_send;
     for (int64_t id = 0; id < state.num_batches; ++id) {
       if (!state.answered[static_cast<size_t>(id)]) to_send.push_back(id);
@@ -405,6 +407,7 @@ Result<InferenceReport> InferenceRequester::Run(const Tensor& images,
         state.sent_at[static_cast<size_t>(id)] = now;
         if (!state.first_send) state.first_send = now;
         outstanding->insert(id);
+        report.peak_outstanding = std::max(report.peak_outstanding, outstanding->size());
       }
 
       const auto deadline = failure ? grace_end : last_progress + options.progress_timeout;

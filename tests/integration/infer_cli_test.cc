@@ -92,6 +92,8 @@ TEST_F(InferCliTest, BadFlagsAreUsageErrors) {
            {Cat({"infer", "--coordinator", "127.0.0.1:7400", "--data", "d", "--micro-batch", "0"},
                 tls),
             "--micro-batch"},
+           {Cat({"infer", "--coordinator", "127.0.0.1:7400", "--data", "d", "--window", "-1"}, tls),
+            "--window"},
            {{"infer", "--coordinator", "127.0.0.1:7400", "--data", "d"}, "--cert"}}) {
     Outcome out = Run(fedslice_, args);
     ASSERT_TRUE(out.status.exited) << out.output;

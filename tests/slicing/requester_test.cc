@@ -12,6 +12,7 @@
 #include <functional>
 #include <mutex>
 #include <random>
+#include <thread>
 
 #include "fedslice/common/model.h"
 #include "fedslice/common/net/server.h"
@@ -58,6 +59,14 @@ Tensor RandomImages(int64_t n, uint64_t seed) {
 class FakeStage : public net::SessionHandler {
  public:
   explicit FakeStage(const Model& model) : model_(model) {}
+  ~FakeStage() override {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    if (answerer_.joinable()) answerer_.join();
+  }
 
   void OnOpen(const net::SessionPtr&) override {}
   void OnClosed(const net::SessionPtr&, const Status&) override {}
@@ -94,12 +103,26 @@ class FakeStage : public net::SessionHandler {
       (void)session->Send(std::move(stale));
     }
     if (duplicate) (void)session->Send(out);
+    if (answer_delay.count() > 0) {
+      // Answered later by a thread of our own, so that the requester's next micro-batches
+      // can arrive while this one is unanswered (as in a stage that takes time to compute).
+      max_unanswered_ = std::max(max_unanswered_, ++unanswered_);
+      delayed_.push_back({session, std::move(out)});
+      if (!answerer_.joinable()) answerer_ = std::thread([this] { AnswerLater(); });
+      cv_.notify_all();
+      return;
+    }
     (void)session->Send(std::move(out));
   }
 
   std::vector<proto::StageJoin> joins() {
     std::lock_guard lock(mu_);
     return joins_;
+  }
+  // With answer_delay: the most micro-batches received and not yet answered at once.
+  int max_unanswered() {
+    std::lock_guard lock(mu_);
+    return max_unanswered_;
   }
 
   // Set before streaming.
@@ -109,14 +132,37 @@ class FakeStage : public net::SessionHandler {
   bool wrong_samples = false;
   int die_at_batch = 0;
   int hold_from_batch = 0;
+  std::chrono::milliseconds answer_delay{0};  // answer each batch this long after it came
   std::function<void(int)> on_batch;
 
  private:
+  void AnswerLater() {
+    std::unique_lock lock(mu_);
+    while (true) {
+      cv_.wait(lock, [&] { return stop_ || !delayed_.empty(); });
+      if (stop_) return;
+      auto [session, out] = std::move(delayed_.front());
+      delayed_.erase(delayed_.begin());
+      lock.unlock();
+      std::this_thread::sleep_for(answer_delay);
+      lock.lock();
+      --unanswered_;  // before the send: the requester may answer with the next batch at once
+      lock.unlock();
+      (void)session->Send(std::move(out));
+      lock.lock();
+    }
+  }
+
   std::mutex mu_;
+  std::condition_variable cv_;
   Model model_;
   std::vector<proto::StageJoin> joins_;
   int batches_ = 0;
   bool dead_ = false;
+  bool stop_ = false;
+  int unanswered_ = 0, max_unanswered_ = 0;
+  std::vector<std::pair<net::SessionPtr, proto::Envelope>> delayed_;
+  std::thread answerer_;
 };
 
 // Answers PipelineRequests with plans from `planner` (or an Error when it returns one) and
@@ -305,6 +351,31 @@ TEST_F(RequesterTest, AnswersEveryImageInRequestOrderAndClosesThePipeline) {
   EXPECT_TRUE(joins[0].upstream());
   EXPECT_TRUE(joins[0].sink());
   EXPECT_EQ(joins[0].pipeline_id(), report->plans[0].pipeline_id());
+}
+
+// The requester keeps the pipeline full by default; max_outstanding = 1 sends each micro-batch
+// only once the one before is answered (the latency of an idle pipeline).
+TEST_F(RequesterTest, MaxOutstandingBoundsTheMicroBatchesInThePipeline) {
+  coordinator_->planner = [&](const proto::PipelineRequest& r) { return PlanOn(0, r); };
+  stages_[0]->answer_delay = 20ms;
+  stages_[1]->answer_delay = 20ms;
+  Start();
+  const Tensor images = RandomImages(48, 7);
+  RequesterOptions options = Options(8);
+
+  auto full = requester_->Run(images, options);  // window 1 * (2 + 1) + 1 = 4
+  ASSERT_TRUE(full.ok()) << full.status().ToString();
+  ExpectSameLogits(full->logits, Reference(images, 8));
+  EXPECT_EQ(full->peak_outstanding, 4u);
+  EXPECT_GE(stages_[0]->max_unanswered(), 2);
+
+  coordinator_->planner = [&](const proto::PipelineRequest& r) { return PlanOn(1, r); };
+  options.max_outstanding = 1;
+  auto idle = requester_->Run(images, options);
+  ASSERT_TRUE(idle.ok()) << idle.status().ToString();
+  ExpectSameLogits(idle->logits, Reference(images, 8));
+  EXPECT_EQ(idle->peak_outstanding, 1u);
+  EXPECT_EQ(stages_[1]->max_unanswered(), 1);
 }
 
 TEST_F(RequesterTest, DuplicateAndStaleResultsAreDiscarded) {

@@ -9,7 +9,9 @@
 //       flags, when K = 1), each with ConnectOptions{server_name = expected_identity = the
 //       stage's client id}
 //     micro-batch j (batch_id j: inputs [j·m, min(N, (j+1)·m))) -> stage 0, at most
-//       K·(in_flight + 1) + 1 unanswered at a time (the pipeline's own buffering plus one)
+//       K·(in_flight + 1) + 1 unanswered at a time (the pipeline's own buffering plus one),
+//       or max_outstanding when set (1: each micro-batch through an otherwise idle
+//       pipeline, so that its latency is the pipeline's, not the queues')
 //     ActivationBatch (logits) <- stage K-1: accepted only if its pipeline id is the current
 //       one and its batch id is unanswered (else counted as a duplicate and dropped), with
 //       [n, classes] finite fp32 logits
@@ -50,6 +52,9 @@ struct RequesterOptions {
   uint32_t num_stages = 0;                // 0: as many as the planner finds best
   std::string activation_codec = "fp32";  // between stages: "fp32" or "int8"
   uint32_t in_flight = 2;    // micro-batches a stage may buffer (0: the coordinator's 2)
+  // Unanswered micro-batches the requester allows itself (0: K·(in_flight + 1) + 1, enough to
+  // keep every stage busy; 1: one at a time, for the latency of an idle pipeline).
+  uint32_t max_outstanding = 0;
   bool split_layers = true;  // let the planner cut heavy layers into parts
   int max_replans = 3;       // pipelines given up before Run() fails
   // Waiting for a PipelinePlan (requests wait while the coordinator still trains).
@@ -88,6 +93,7 @@ struct InferenceReport {
   double latency_p95_ms = 0;
   double latency_p99_ms = 0;
   double latency_max_ms = 0;
+  size_t peak_outstanding = 0;  // the most micro-batches unanswered at once
 };
 
 class InferenceRequester {
