@@ -128,18 +128,18 @@ struct Slice {
   // Where the compute thread's time went, for the summary logged at release (guarded).
   struct Timing {
     uint64_t batches = 0;
-    double layers_cpu = 0;  // the layers' CPU time (what slowdown scales)
-    double run_wall = 0;    // decode + layers + encode, wall clock
-    double held = 0;        // emulation: held beyond run_wall
-    double input_wait = 0;  // queue empty, after the first batch
-    double send_wait = 0;   // waiting for the destination or a send slot
-    double fastest = 0;     // the lowest layer time of a batch so far (what emulation holds to)
+    double layers_cpu = 0;          // the layers' CPU time (what slowdown scales)
+    double run_wall = 0;            // decode + layers + encode, wall clock
+    double held = 0;                // emulation: held beyond run_wall
+    double input_wait = 0;          // queue empty, after the first batch
+    double send_wait = 0;           // waiting for the destination or a send slot
+    double handing = 0;             // handing the batch to the session (validate, serialize, queue)
+    Clock::time_point first_start;  // the first batch's processing began
+    Clock::time_point last_done;    // the last batch was handed on
+    double fastest = 0;  // the lowest layer time of a batch so far (what emulation holds to)
   } timing;
   // Emulation: when the emulated device is done with the last batch it started (guarded).
   Clock::time_point device_free;
-  // Emulation: the compute thread has timed the slice on synthetic input (guarded; true
-  // from the start without emulation).
-  bool timed = false;
 };
 
 enum class Role { kPending, kJoined };
@@ -323,10 +323,13 @@ struct StageHost::Impl : std::enable_shared_from_this<StageHost::Impl> {
       spdlog::info(
           "stage: {} stage {}: {} batches; per batch: layers {:.2f} ms CPU, run {:.2f} ms, "
           "held {:.2f} ms (fastest layers {:.2f} ms), waited {:.2f} ms for input and {:.2f} ms "
-          "to send",
+          "to send, handing on {:.2f} ms; one batch every {:.2f} ms",
           PipelineName(s->pipeline_id), s->stage_index, t.batches, 1e3 * t.layers_cpu / n,
           1e3 * t.run_wall / n, 1e3 * t.held / n, 1e3 * t.fastest, 1e3 * t.input_wait / n,
-          1e3 * t.send_wait / n);
+          1e3 * t.send_wait / n, 1e3 * t.handing / n,
+          t.batches > 1
+              ? 1e3 * std::chrono::duration<double>(t.last_done - t.first_start).count() / (n - 1)
+              : 0.0);
     }
     spdlog::info("stage: {} released ({})", PipelineName(s->pipeline_id), why);
     cv.notify_all();
@@ -535,9 +538,7 @@ void StageHost::Impl::ComputeLoop() {
   while (true) {
     std::unique_lock<std::mutex> lock(mu);
     const auto idle_from = Clock::now();
-    cv.wait(lock, [this] {
-      return stop || !failures.empty() || (slice && (!slice->timed || !slice->queue.empty()));
-    });
+    cv.wait(lock, [this] { return stop || !failures.empty() || (slice && !slice->queue.empty()); });
     if (stop) return;
     if (!failures.empty()) {
       FailureNote note = std::move(failures.front());
@@ -554,12 +555,6 @@ void StageHost::Impl::ComputeLoop() {
       continue;
     }
     std::shared_ptr<Slice> s = slice;
-    if (!s->timed) {
-      s->timed = true;
-      lock.unlock();
-      TimeSlice(s);
-      continue;
-    }
     if (s->timing.batches > 0) {
       s->timing.input_wait += std::chrono::duration<double>(Clock::now() - idle_from).count();
     }
@@ -644,6 +639,10 @@ void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item)
   }
 
   const auto start = Clock::now();
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (s->timing.batches == 0) s->timing.first_start = start;
+  }
   bool single_threaded = false;
   StageExecutor::ComputeTimes compute;
   Result<proto::ActivationBatch> out = Status::Internal("not run");
@@ -725,6 +724,7 @@ void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item)
   stats.max_unsent = std::max<uint64_t>(stats.max_unsent, s->unsent);
   s->timing.send_wait += std::chrono::duration<double>(Clock::now() - send_from).count();
   lock.unlock();
+  const auto handing_from = Clock::now();
 
   proto::Envelope envelope;
   *envelope.mutable_activation_batch() = std::move(out).value();
@@ -750,8 +750,10 @@ void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item)
         }
         impl->cv.notify_all();
       });
+  lock.lock();
+  s->timing.handing += std::chrono::duration<double>(Clock::now() - handing_from).count();
+  s->timing.last_done = Clock::now();
   if (!sent.ok()) {
-    lock.lock();
     --s->unsent;
     ++stats.batches_dropped;
     if (s->last && sent.code() == Status::Code::kUnavailable) {
@@ -790,7 +792,8 @@ Result<net::SessionPtr> StageHost::Impl::ConnectDownstream(const std::shared_ptr
   }
   const std::string target =
       "the next stage '" + s->downstream_identity + "' at " + s->downstream_endpoint.ToString();
-  const auto deadline = Clock::now() + options.downstream_connect_budget;
+  const auto connect_from = Clock::now();
+  const auto deadline = connect_from + options.downstream_connect_budget;
   milliseconds delay = kFirstRetryDelay;
   Status last_error;
   int attempts = 0;
@@ -856,7 +859,9 @@ Result<net::SessionPtr> StageHost::Impl::ConnectDownstream(const std::shared_ptr
       if (sent.ok() && session->is_open() && !stop && !s->released) {
         s->downstream_session = session;
         ++stats.downstream_connects;
-        spdlog::info("stage: connected to {} for {}", target, PipelineName(s->pipeline_id));
+        spdlog::info("stage: connected to {} for {} in {:.1f} ms", target,
+                     PipelineName(s->pipeline_id),
+                     1e3 * std::chrono::duration<double>(Clock::now() - connect_from).count());
         return session;
       }
       lock.unlock();
@@ -1014,7 +1019,6 @@ Status StageHost::Assign(const proto::SliceAssign& a) {
   }
   s->micro_batch = a.micro_batch();
   s->in_flight = a.in_flight();
-  s->timed = impl_->options.slowdown <= 1.0;  // only emulation needs the slice's speed first
   const std::string codec_name =
       a.activation_codec().empty() ? std::string(kActivationFp32) : a.activation_codec();
   if (!IsActivationCodec(codec_name)) {
@@ -1079,6 +1083,12 @@ Status StageHost::Assign(const proto::SliceAssign& a) {
   if (!executor.ok()) return executor.status().WithContext(where);
   s->executor = std::move(executor).value();
   s->input_shape = s->executor->chain().MainShape(begin);
+  // Only emulation needs the slice's speed before the first batch. Timed here, before
+  // SliceReady, not by the compute thread once the slice is published: that thread sleeps
+  // until the first StageJoin or batch, so the timing ran inside the requester's stream and
+  // each stage's first batch waited for it (measured: the first of a 4-stage stream's
+  // results came after ~450 ms, against ~77 ms through an idle pipeline).
+  if (impl_->options.slowdown > 1.0) impl_->TimeSlice(s);
 
   Deferred deferred;
   {
@@ -1129,7 +1139,11 @@ std::optional<uint64_t> StageHost::pipeline_id() const {
 
 StageHostStats StageHost::stats() const {
   std::lock_guard<std::mutex> lock(impl_->mu);
-  return impl_->stats;
+  StageHostStats stats = impl_->stats;
+  if (impl_->slice && impl_->options.slowdown > 1.0) {
+    stats.emulated_batch_ms = 1e3 * impl_->slice->timing.fastest * impl_->options.slowdown;
+  }
+  return stats;
 }
 
 }  // namespace fedslice::slicing

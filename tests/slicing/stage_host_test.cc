@@ -231,6 +231,10 @@ TEST_F(StageHostTest, TwoStagesGiveSingleProcessLogitsBitForBit) {
   ASSERT_TRUE(b->Assign(Assign(bounds, 1)).ok());
   ASSERT_TRUE(a->Assign(Assign(bounds, 0, b.get())).ok());
   EXPECT_EQ(a->pipeline_id(), kPipeline);
+  // The emulated stage has timed its slice by the time Assign returns (before SliceReady),
+  // so that no batch of the stream waits for that timing; without emulation nothing is timed.
+  EXPECT_GT(a->stats().emulated_batch_ms, 0.0);
+  EXPECT_EQ(b->stats().emulated_batch_ms, 0.0);
 
   auto sink = Join(*b, "client-1", false, true);
   auto upstream = Join(*a, "client-0", true, false);

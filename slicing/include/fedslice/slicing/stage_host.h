@@ -45,16 +45,17 @@
 // leaves out how they slow us down while we run (shared core, caches: +23% CPU time
 // measured on a 2-vCPU VM with the other vCPU busy), and the timeline lets a batch the host
 // delayed past N·c be made up by the next, as a device with its own CPU would (holding
-// each batch to N·c from the moment the host started it added every such delay). Before the
-// first batch the compute thread times the slice on synthetic input (a few runs), so that
-// c starts near the host's speed rather than at a cold first batch's.
+// each batch to N·c from the moment the host started it added every such delay). Assign
+// times the slice on synthetic input (five runs of a micro-batch) before it returns, so that
+// c starts near the host's speed rather than at a cold first batch's, and so that the timing
+// is done before the coordinator reports the pipeline ready, not inside the stream.
 // For measuring pipelines of several stages on one machine; real devices, or Docker CPU
 // limits, need no emulation.
 //
 // Threads: `io_threads` run the sessions; one compute thread runs the executor (never an io
 // thread, so a long micro-batch does not stall heartbeats or the upstream's reads). Public
-// methods are thread-safe and never block on the network (Assign decodes the weights and
-// builds the executor on the caller's thread).
+// methods are thread-safe and never block on the network (Assign decodes the weights,
+// builds the executor and, when emulating, times the slice, on the caller's thread).
 #pragma once
 
 #include <chrono>
@@ -118,6 +119,10 @@ struct StageHostStats {
   uint64_t upstream_pauses = 0;      // times the upstream session was paused (queue full)
   uint64_t failures = 0;             // failure callbacks made
   uint64_t downstream_connects = 0;  // connections opened to a next stage
+  // Emulation: how long the emulated device takes for a micro-batch of the hosted slice
+  // (slowdown x the fastest the slice has run, timed first by Assign); 0 without emulation
+  // or without a slice.
+  double emulated_batch_ms = 0;
 };
 
 class StageHost {
