@@ -639,10 +639,6 @@ void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item)
   }
 
   const auto start = Clock::now();
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (s->timing.batches == 0) s->timing.first_start = start;
-  }
   bool single_threaded = false;
   StageExecutor::ComputeTimes compute;
   Result<proto::ActivationBatch> out = Status::Internal("not run");
@@ -667,6 +663,7 @@ void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item)
   {
     std::unique_lock<std::mutex> lock(mu);
     ++stats.batches_computed;
+    if (s->timing.batches == 0) s->timing.first_start = start;
     ++s->timing.batches;
     s->timing.layers_cpu += compute.cpu_seconds;
     s->timing.run_wall += std::chrono::duration<double>(took).count();
