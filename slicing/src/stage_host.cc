@@ -748,8 +748,8 @@ void StageHost::Impl::Process(const std::shared_ptr<Slice>& s, Slice::Item item)
         impl->cv.notify_all();
       });
   lock.lock();
-  s->timing.handing += std::chrono::duration<double>(Clock::now() - handing_from).count();
   s->timing.last_done = Clock::now();
+  s->timing.handing += std::chrono::duration<double>(s->timing.last_done - handing_from).count();
   if (!sent.ok()) {
     --s->unsent;
     ++stats.batches_dropped;
