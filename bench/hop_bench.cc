@@ -72,7 +72,7 @@ Boundary CnnBoundary(int batch) {
   const proto::ModelSpec spec = CnnSpec();
   auto model = Model::Create(spec);
   const auto layer_costs = slicing::ComputeLayerCosts(*model);
-  auto chain = slicing::Chain::Create(spec, slicing::AutoSplit(spec, layer_costs, 2));
+  auto chain = slicing::Chain::Create(spec, slicing::AutoSplit(spec, layer_costs, 2, batch));
   proto::DeviceProfile profile;
   profile.set_flops(50e9);
   profile.set_num_threads(1);
@@ -89,7 +89,8 @@ Boundary CnnBoundary(int batch) {
   b.main_shape = {batch};
   for (int64_t d : chain->MainShape(cut)) b.main_shape.push_back(d);
   for (int64_t d : chain->CarryShape(cut)) b.carry_shape.push_back(d);
-  if (!b.carry_shape.empty()) b.carry_shape.insert(b.carry_shape.begin(), batch);
+  if (!b.carry_shape.empty())
+    b.carry_shape.insert(b.carry_shape.begin(), chain->CarrySamples(cut, batch));
   b.where = "after " + chain->Describe(0, cut);
   return b;
 }

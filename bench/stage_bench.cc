@@ -30,7 +30,7 @@ void BM_CnnStages(benchmark::State& state) {
   const proto::ModelSpec spec = CnnSpec();
   auto model = Model::Create(spec);
   const auto layer_costs = slicing::ComputeLayerCosts(*model);
-  auto chain = slicing::Chain::Create(spec, slicing::AutoSplit(spec, layer_costs, stages));
+  auto chain = slicing::Chain::Create(spec, slicing::AutoSplit(spec, layer_costs, stages, batch));
   // Identical devices with this host's measured layer times, as clients report them.
   slicing::TimingOptions timing;
   timing.batch = batch;
@@ -56,8 +56,13 @@ void BM_CnnStages(benchmark::State& state) {
   std::vector<std::unique_ptr<slicing::StageExecutor>> executors;
   for (const auto& s : plan->stages) {
     auto packed = chain->PackSlice(model->params(), s.begin, s.end);
-    executors.push_back(
-        std::move(*slicing::StageExecutor::Create(*chain, s.begin, s.end, *packed)));
+    auto executor = packed.ok() ? slicing::StageExecutor::Create(*chain, s.begin, s.end, *packed)
+                                : Result<std::unique_ptr<slicing::StageExecutor>>(packed.status());
+    if (!executor.ok()) {
+      state.SkipWithError(executor.status().ToString().c_str());
+      return;
+    }
+    executors.push_back(std::move(executor).value());
   }
   Tensor input({batch, 1, 28, 28});
   std::mt19937_64 rng(1);
@@ -73,7 +78,10 @@ void BM_CnnStages(benchmark::State& state) {
     carry = Tensor();
     for (size_t k = 0; k < executors.size(); ++k) {
       const auto t0 = std::chrono::steady_clock::now();
-      (void)executors[k]->Run(main, carry, &out, &out_carry);
+      if (Status run = executors[k]->Run(main, carry, &out, &out_carry); !run.ok()) {
+        state.SkipWithError(run.ToString().c_str());
+        return;
+      }
       const double ms =
           std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
       stage_ms[k] += ms;

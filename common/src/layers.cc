@@ -250,6 +250,12 @@ int Conv2DLayer::PrepareWorkers(int64_t batch) {
 void Conv2DLayer::Forward(const Tensor& in, Tensor* out, bool training) {
   const int64_t batch = in.batch();
   out->Resize({batch, oc_, oh_, ow_});
+  ForwardSamples(in.data(), batch, out->data());
+  if (training) input_ = in;
+}
+
+void Conv2DLayer::ForwardSamples(const float* in, int64_t batch, float* out) {
+  if (batch < 1) return;
   const int workers = PrepareWorkers(batch);
   const int64_t in_size = c_ * h_ * w_;
   auto run = [&](int t, int nt) {
@@ -258,8 +264,8 @@ void Conv2DLayer::Forward(const Tensor& in, Tensor* out, bool training) {
     s.cols.Resize({ckk_, p_});
     const ParamMap w(w_ptr_, oc_, ckk_);
     for (int64_t n = n0; n < n1; ++n) {
-      Im2Col(in.data() + n * in_size, &s);
-      ParamMap y(out->data() + n * oc_ * p_, oc_, p_);
+      Im2Col(in + n * in_size, &s);
+      ParamMap y(out + n * oc_ * p_, oc_, p_);
       // [oc, p] = [oc, ckk] * [ckk, p]
       y.noalias() = w * s.cols.matrix();
       for (int64_t oc = 0; oc < oc_; ++oc) y.row(oc).array() += b_ptr_[oc];
@@ -271,7 +277,6 @@ void Conv2DLayer::Forward(const Tensor& in, Tensor* out, bool training) {
   } else {
     run(0, 1);
   }
-  if (training) input_ = in;
 }
 
 // The im2col columns are recomputed rather than kept from Forward: one sample's columns stay

@@ -153,9 +153,10 @@ Result<PipelineService::Pipeline> PipelineService::Prepare(
 
   const int max_stages = request.num_stages() > 0 ? static_cast<int>(request.num_stages())
                                                   : static_cast<int>(devices.size());
-  const proto::ChainSpec chain_spec = request.split_layers()
-                                          ? slicing::AutoSplit(model.spec(), costs, max_stages)
-                                          : proto::ChainSpec();
+  const proto::ChainSpec chain_spec =
+      request.split_layers() ? slicing::AutoSplit(model.spec(), costs, max_stages,
+                                                  static_cast<int>(request.micro_batch()))
+                             : proto::ChainSpec();
   auto chain = slicing::Chain::Create(model.spec(), chain_spec);
   if (!chain.ok()) return Status::Internal("cannot cut the model: " + chain.status().message());
   const std::vector<slicing::LayerCost> unit_costs = chain->UnitCosts(costs);

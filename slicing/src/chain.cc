@@ -125,6 +125,7 @@ Result<Chain> Chain::Create(const proto::ModelSpec& model, const proto::ChainSpe
   const int n = model.layers_size();
   std::vector<int> parts(static_cast<size_t>(n), 1);
   std::vector<bool> by_position(static_cast<size_t>(n), false);
+  std::vector<bool> by_sample(static_cast<size_t>(n), false);
   int previous = -1;
   for (int s = 0; s < spec.splits_size(); ++s) {
     const auto& split = spec.splits(s);
@@ -142,18 +143,27 @@ Result<Chain> Chain::Create(const proto::ModelSpec& model, const proto::ChainSpe
     if (!Splittable(l)) {
       return Status::InvalidArgument(what + ": only conv2d and dense layers can be cut");
     }
-    if (split.by_position() && !l.has_conv2d()) {
-      return Status::InvalidArgument(what + ": by_position applies to conv2d layers only");
+    if ((split.by_position() || split.by_sample()) && !l.has_conv2d()) {
+      return Status::InvalidArgument(what +
+                                     ": by_position and by_sample apply to conv2d layers only");
     }
-    const int64_t limit = std::min<int64_t>(
-        kMaxLayerParts,
-        SplitOutputs(l, chain.layer_shapes_[static_cast<size_t>(layer) + 1], split.by_position()));
+    if (split.by_position() && split.by_sample()) {
+      return Status::InvalidArgument(what + ": by_position and by_sample exclude each other");
+    }
+    // By sample, a part may hold no sample of a small micro-batch (it then computes nothing).
+    const int64_t limit =
+        split.by_sample()
+            ? kMaxLayerParts
+            : std::min<int64_t>(kMaxLayerParts,
+                                SplitOutputs(l, chain.layer_shapes_[static_cast<size_t>(layer) + 1],
+                                             split.by_position()));
     if (split.parts() < 2 || split.parts() > limit) {
       return Status::InvalidArgument(what + ": parts = " + std::to_string(split.parts()) +
                                      ", must be in [2, " + std::to_string(limit) + "]");
     }
     parts[static_cast<size_t>(layer)] = static_cast<int>(split.parts());
     by_position[static_cast<size_t>(layer)] = split.by_position();
+    by_sample[static_cast<size_t>(layer)] = split.by_sample();
   }
   for (int i = 0; i < n; ++i) {
     chain.first_unit_.push_back(static_cast<int>(chain.units_.size()));
@@ -161,9 +171,16 @@ Result<Chain> Chain::Create(const proto::ModelSpec& model, const proto::ChainSpe
     const int p = parts[static_cast<size_t>(i)];
     const auto& out_shape = chain.layer_shapes_[static_cast<size_t>(i) + 1];
     const bool positions = by_position[static_cast<size_t>(i)];
-    const int64_t outputs = Splittable(l) ? SplitOutputs(l, out_shape, positions) : 0;
+    const bool samples = by_sample[static_cast<size_t>(i)];
+    // By sample, part j is [j, j + 1) in P-ths of the micro-batch (SampleBegin).
+    int64_t outputs = 0;
+    if (samples) {
+      outputs = p;
+    } else if (Splittable(l)) {
+      outputs = SplitOutputs(l, out_shape, positions);
+    }
     // Rows are counted in positions too: row r begins at position r · cols.
-    const int64_t scale = l.has_conv2d() && !positions ? out_shape[2] : 1;
+    const int64_t scale = l.has_conv2d() && !positions && !samples ? out_shape[2] : 1;
     for (int j = 0; j < p; ++j) {
       Unit u;
       u.layer = i;
@@ -178,6 +195,7 @@ Result<Chain> Chain::Create(const proto::ModelSpec& model, const proto::ChainSpe
   chain.first_unit_.push_back(static_cast<int>(chain.units_.size()));
   chain.unit_main_.push_back(chain.layer_shapes_.back());
   chain.by_position_ = std::move(by_position);
+  chain.by_sample_ = std::move(by_sample);
   return chain;
 }
 
@@ -187,7 +205,30 @@ const std::vector<int64_t>& Chain::MainShape(int u) const {
 
 std::vector<int64_t> Chain::CarryShape(int u) const {
   if (u >= num_units() || unit(u).part == 0) return {};
+  if (BySample(unit(u).layer)) return layer_shapes_[static_cast<size_t>(unit(u).layer) + 1];
   return DoneShape(unit(u).layer, unit(u).out_begin);
+}
+
+int64_t Chain::CarrySamples(int u, int64_t batch) const {
+  if (u >= num_units() || unit(u).part == 0) return 0;
+  return BySample(unit(u).layer) ? SampleBegin(u, batch) : batch;
+}
+
+int64_t Chain::SampleBegin(int u, int64_t batch) const {
+  const Unit& x = unit(u);
+  return batch * x.out_begin / x.parts;
+}
+
+int64_t Chain::SampleEnd(int u, int64_t batch) const {
+  const Unit& x = unit(u);
+  return batch * x.out_end / x.parts;
+}
+
+bool Chain::BySample(int layer) const { return by_sample_[static_cast<size_t>(layer)]; }
+
+int64_t Chain::UnitSpan(int layer) const {
+  if (BySample(layer)) return FirstUnitOfLayer(layer + 1) - FirstUnitOfLayer(layer);
+  return UnitOutputs(layer_shapes_[static_cast<size_t>(layer) + 1]);
 }
 
 std::vector<int64_t> Chain::DoneShape(int layer, int64_t done) const {
@@ -209,10 +250,11 @@ std::vector<LayerCost> Chain::UnitCosts(std::span<const LayerCost> layer_costs) 
     c.index = u;
     if (unit.parts > 1) {
       const auto& out_shape = layer_shapes_[static_cast<size_t>(unit.layer) + 1];
-      const int64_t outputs = UnitOutputs(out_shape);
+      const int64_t outputs = UnitSpan(unit.layer);
       const double share =
           static_cast<double>(unit.out_end - unit.out_begin) / static_cast<double>(outputs);
-      // Bytes of one output position (conv2d: c floats) or feature.
+      // Bytes of one output position (conv2d: c floats) or feature; by sample, of a P-th of
+      // the output (per sample of the micro-batch, on average).
       const int64_t plane_bytes = 4 * Product(out_shape) / outputs;
       c.name =
           layer.name + "[" + std::to_string(unit.part) + "/" + std::to_string(unit.parts) + "]";
@@ -243,7 +285,10 @@ std::vector<double> Chain::UnitTimes(std::span<const double> layer_ms,
     if (unit.parts > 1) {
       const auto& out_shape = layer_shapes_[layer + 1];
       const auto count = static_cast<double>(unit.out_end - unit.out_begin);
-      if (out_shape.size() == 3 && !band_row_ms.empty() && band_row_ms[layer] > 0) {
+      if (BySample(unit.layer)) {
+        // Its share of the samples through the layer's own kernel: no band, no fixed cost.
+        t *= count / static_cast<double>(unit.parts);
+      } else if (out_shape.size() == 3 && !band_row_ms.empty() && band_row_ms[layer] > 0) {
         // A band's positions at the band kernel's rate (band_row is per output row of cols
         // positions); the part a stage's band begins with pays the band's fixed cost (the
         // first part here, a later one in UnitEntryTimes).
@@ -266,11 +311,13 @@ std::vector<double> Chain::UnitEntryTimes(std::span<const double> layer_join_ms,
     if (unit.parts <= 1 || unit.part == 0) continue;
     const auto layer = static_cast<size_t>(unit.layer);
     const auto& out_shape = layer_shapes_[layer + 1];
-    const auto outputs = static_cast<double>(UnitOutputs(out_shape));
+    const auto outputs = static_cast<double>(UnitSpan(unit.layer));
     if (!layer_join_ms.empty()) {
       times[u] = layer_join_ms[layer] * static_cast<double>(unit.out_begin) / outputs;
     }
-    if (out_shape.size() == 3 && !band_fixed_ms.empty()) times[u] += band_fixed_ms[layer];
+    if (out_shape.size() == 3 && !BySample(unit.layer) && !band_fixed_ms.empty()) {
+      times[u] += band_fixed_ms[layer];
+    }
   }
   return times;
 }
@@ -354,7 +401,7 @@ std::string Chain::Describe(int begin, int end) const {
 }
 
 proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerCost> layer_costs,
-                           int max_stages) {
+                           int max_stages, int micro_batch) {
   proto::ChainSpec spec;
   if (max_stages <= 1) return spec;
   // Output shapes, to bound the parts (a chain of this model validates them again).
@@ -373,15 +420,36 @@ proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerC
     if (!Splittable(l)) continue;
     const double share = layer_costs[static_cast<size_t>(i)].forward_flops / total;
     if (share <= 1.0 / (4.0 * max_stages)) continue;
-    const bool by_position = l.has_conv2d();
-    const int64_t parts = std::min<int64_t>(
-        {static_cast<int64_t>(std::ceil(kPartsPerStageShare * max_stages * share)),
-         SplitOutputs(l, shapes[static_cast<size_t>(i) + 1], by_position), kMaxLayerParts});
+    const auto wanted = static_cast<int64_t>(std::ceil(kPartsPerStageShare * max_stages * share));
+    // By sample when the micro-batch has samples enough for the grain wanted: the parts then
+    // run the layer's own kernel on their samples, which add up to the whole layer; bands
+    // of positions each pay a fixed cost (the rows under a band's edges, a product's set-up).
+    // P = the largest divisor of the micro-batch within [wanted, 64], so that every part holds
+    // the same number of samples (the planner's share of each is exact); failing that,
+    // min(batch, 64) parts, whose sample counts differ by one.
+    int64_t sample_parts = 0;
+    if (l.has_conv2d() && micro_batch >= wanted && wanted <= kMaxLayerParts) {
+      sample_parts = std::min<int64_t>(micro_batch, kMaxLayerParts);
+      for (int64_t p = sample_parts; p >= wanted; --p) {
+        if (micro_batch % p == 0) {
+          sample_parts = p;
+          break;
+        }
+      }
+    }
+    const bool by_position = l.has_conv2d() && sample_parts == 0;
+    const int64_t parts =
+        sample_parts > 0
+            ? sample_parts
+            : std::min<int64_t>({wanted,
+                                 SplitOutputs(l, shapes[static_cast<size_t>(i) + 1], by_position),
+                                 kMaxLayerParts});
     if (parts < 2) continue;
     auto* split = spec.add_splits();
     split->set_layer_index(static_cast<uint32_t>(i));
     split->set_parts(static_cast<uint32_t>(parts));
     split->set_by_position(by_position);
+    split->set_by_sample(sample_parts > 0);
   }
   return spec;
 }
@@ -476,7 +544,9 @@ Result<std::unique_ptr<StageExecutor>> StageExecutor::Create(const Chain& chain,
     int64_t model_offset = chain.LayerParamOffset(unit.layer);
     Impl::UnitParams p;
     std::optional<proto::LayerSpec> spec = layer_spec;
-    if (unit.parts > 1 && layer_spec.has_conv2d()) {
+    // A run of parts cut by sample is the whole layer (all its weights, its own kernel) run on
+    // some of the samples: the last branch.
+    if (unit.parts > 1 && layer_spec.has_conv2d() && !chain.BySample(unit.layer)) {
       // Output rows [out_begin(u), out_end(last)): BandConvForward, with the whole layer's
       // weights.
       p.pad = model_offset % kAlignFloats;
@@ -484,7 +554,7 @@ Result<std::unique_ptr<StageExecutor>> StageExecutor::Create(const Chain& chain,
       std::copy_n(packed.data() + at, count, p.data());
       at += count;
       spec.reset();
-    } else if (unit.parts > 1) {
+    } else if (unit.parts > 1 && !layer_spec.has_conv2d()) {
       const int64_t outputs = chain.unit(last).out_end - unit.out_begin;
       const int64_t fan_in = count / outputs - 1;  // weights per output; then one bias
       // Weights are rows [out_begin, out_end) of the layer's [outputs, fan_in].
@@ -544,11 +614,15 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
                                    chain_.Describe(begin_, end_) + " takes " +
                                    ShapeString(WithBatch(batch, chain_.MainShape(begin_))));
   }
-  const std::vector<int64_t> carry_shape = chain_.CarryShape(begin_);
-  if (!carry_shape.empty() && carry.shape() != WithBatch(batch, carry_shape)) {
+  // A carry of no samples (a cut by sample whose earlier parts hold none of so small a batch)
+  // is no carry.
+  const std::vector<int64_t> carry_shape =
+      chain_.CarrySamples(begin_, batch) > 0 ? chain_.CarryShape(begin_) : std::vector<int64_t>{};
+  const int64_t carry_samples = chain_.CarrySamples(begin_, batch);
+  if (!carry_shape.empty() && carry.shape() != WithBatch(carry_samples, carry_shape)) {
     return Status::InvalidArgument("carry is " + ShapeString(carry.shape()) + ", the slice " +
                                    chain_.Describe(begin_, end_) + " takes " +
-                                   ShapeString(WithBatch(batch, carry_shape)));
+                                   ShapeString(WithBatch(carry_samples, carry_shape)));
   }
   Impl& impl = *impl_;
   // The same batch split as Model::Forward: min(threads, batch) workers, each running every
@@ -559,15 +633,20 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
     impl.workers.push_back(std::move(w));
   }
   out->Resize(WithBatch(batch, chain_.MainShape(end_)));
-  const std::vector<int64_t> out_carry_shape = chain_.CarryShape(end_);
+  const int64_t out_carry_samples = chain_.CarrySamples(end_, batch);
+  const std::vector<int64_t> out_carry_shape =
+      out_carry_samples > 0 ? chain_.CarryShape(end_) : std::vector<int64_t>{};
   if (!out_carry_shape.empty()) {
-    out_carry->Resize(WithBatch(batch, out_carry_shape));
+    out_carry->Resize(WithBatch(out_carry_samples, out_carry_shape));
   } else {
     *out_carry = Tensor();
   }
 
-  // Runs every unit on rows [n0, n1) of worker `t`; the results land in its out/out_carry.
-  auto run_rows = [&](Impl::Worker& w, const Tensor& rows_in, const Tensor* rows_carry) {
+  // Runs every unit on rows [n0, n0 + rows_in.batch()) of the batch; the results land in the
+  // worker's out/out_carry. rows_carry holds those of the rows that are carried in (all of
+  // them, but for a layer cut by sample: those below the samples done).
+  auto run_rows = [&](Impl::Worker& w, const Tensor& rows_in, const Tensor* rows_carry,
+                      int64_t n0) {
     const Tensor* cur = &rows_in;
     Tensor* cur_act = nullptr;  // cur when it is one of w.acts (ours to swap away), else null
     const int64_t rows = rows_in.batch();
@@ -588,6 +667,34 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
       const bool conv = out_shape.size() == 3;
       int last = u;
       while (last + 1 < end_ && chain_.unit(last + 1).layer == unit.layer) ++last;
+      const bool ends_inside = chain_.unit(last).part + 1 < chain_.unit(last).parts;
+      const size_t k0 = static_cast<size_t>(u - begin_);
+      if (chain_.BySample(unit.layer)) {
+        // Samples [first, done) of the batch (here, of these rows), computed by the layer's
+        // own kernel straight into the layer's output after the [0, first) carried in:
+        // [done] samples when the slice ends inside the layer (the carry onward), else all.
+        const int64_t first = std::clamp<int64_t>(chain_.SampleBegin(u, batch) - n0, 0, rows);
+        const int64_t done = std::clamp<int64_t>(chain_.SampleEnd(last, batch) - n0, 0, rows);
+        const int64_t in_size = Product(chain_.MainShape(u)), out_size = Product(out_shape);
+        w.combined.Resize(WithBatch(ends_inside ? done : rows, out_shape));
+        if (first > 0) std::copy_n(rows_carry->data(), first * out_size, w.combined.data());
+        auto* conv = static_cast<Conv2DLayer*>(w.layers[k0].get());
+        conv->ForwardSamples(cur->data() + first * in_size, done - first,
+                             w.combined.data() + first * out_size);
+        if (ends_inside) {
+          std::swap(w.out_carry, w.combined);
+          if (cur_act != nullptr) {
+            std::swap(w.out, *cur_act);
+          } else if (copy_passthrough) {
+            w.out = rows_in;
+          }
+          return;
+        }
+        std::swap(w.acts[static_cast<size_t>(last - begin_)], w.combined);
+        cur = cur_act = &w.acts[static_cast<size_t>(last - begin_)];
+        u = last + 1;
+        continue;
+      }
       const int64_t done = chain_.unit(last).out_end;
       // Viewed as [samples][groups][outputs]: conv2d {c, rows, w} has groups = c and
       // outputs = rows · w positions; dense {features} has groups = 1.
@@ -597,7 +704,6 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
       if (unit.part > 0) {
         CopyOutputs(*rows_carry, groups, unit.out_begin, &w.combined, done, 0);
       }
-      const size_t k0 = static_cast<size_t>(u - begin_);
       if (conv) {
         BandConvForward(chain_.model().layers(unit.layer).conv2d(), impl.params[k0].data(), *cur,
                         out_shape, unit.out_begin, done, &w.combined, &w.band);
@@ -605,7 +711,7 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
         w.layers[k0]->Forward(*cur, &w.acts[k0], false);
         CopyOutputs(w.acts[k0], groups, done - unit.out_begin, &w.combined, done, unit.out_begin);
       }
-      if (chain_.unit(last).part + 1 < chain_.unit(last).parts) {
+      if (ends_inside) {
         // The slice ends inside the layer: its input goes on, with the outputs done
         // so far. (Swapped, not copied: these are megabytes, and this is the stage's
         // compute time.) An input that passes through untouched is copied only when the
@@ -631,7 +737,7 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
 
   if (workers <= 1) {
     Impl::Worker& w = impl.workers[0];
-    run_rows(w, in, carry_shape.empty() ? nullptr : &carry);
+    run_rows(w, in, carry_shape.empty() ? nullptr : &carry, 0);
     std::swap(*out, w.out);
     if (!out_carry_shape.empty()) std::swap(*out_carry, w.out_carry);
     return Status::Ok();
@@ -642,10 +748,12 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
     const int64_t n0 = batch * t / nt, n1 = batch * (t + 1) / nt;
     Impl::Worker& w = impl.workers[static_cast<size_t>(t)];
     CopyRows(in, n0, n1, &w.input);
-    if (!carry_shape.empty()) CopyRows(carry, n0, n1, &w.carry);
-    run_rows(w, w.input, carry_shape.empty() ? nullptr : &w.carry);
+    // The carry's rows among ours: all of them, or (cut by sample) those below its samples.
+    const int64_t c0 = std::min(n0, carry_samples), c1 = std::min(n1, carry_samples);
+    if (c1 > c0) CopyRows(carry, c0, c1, &w.carry);
+    run_rows(w, w.input, c1 > c0 ? &w.carry : nullptr, n0);
     std::copy_n(w.out.data(), w.out.size(), out->data() + n0 * w.out.sample_size());
-    if (!out_carry_shape.empty()) {
+    if (!out_carry_shape.empty() && n0 < out_carry_samples) {
       std::copy_n(w.out_carry.data(), w.out_carry.size(),
                   out_carry->data() + n0 * w.out_carry.sample_size());
     }
@@ -685,20 +793,24 @@ Result<proto::ActivationBatch> StageExecutor::RunMessage(const proto::Activation
   Status s = DecodeActivation(batch.data(), WithBatch(n, chain_.MainShape(begin_)), &in);
   if (!s.ok())
     return s.WithContext("activation batch " + std::to_string(batch.batch_id()) + " data");
-  const std::vector<int64_t> carry_shape = chain_.CarryShape(begin_);
-  if (!carry_shape.empty()) {
+  const int64_t carry_samples = chain_.CarrySamples(begin_, n);
+  if (carry_samples > 0) {
     if (!batch.has_carry()) {
       return Status::InvalidArgument("activation batch " + std::to_string(batch.batch_id()) +
                                      " has no carry; unit " + std::to_string(begin_) +
                                      " is inside a cut layer and needs one");
     }
-    s = DecodeActivation(batch.carry(), WithBatch(n, carry_shape), &carry);
+    s = DecodeActivation(batch.carry(), WithBatch(carry_samples, chain_.CarryShape(begin_)),
+                         &carry);
     if (!s.ok())
       return s.WithContext("activation batch " + std::to_string(batch.batch_id()) + " carry");
   } else if (batch.has_carry() && batch.carry().num_values() != 0) {
-    return Status::InvalidArgument("activation batch " + std::to_string(batch.batch_id()) +
-                                   " carries values into unit " + std::to_string(begin_) +
-                                   ", which starts a layer");
+    return Status::InvalidArgument(
+        "activation batch " + std::to_string(batch.batch_id()) + " carries values into unit " +
+        std::to_string(begin_) +
+        (chain_.CarryShape(begin_).empty()
+             ? ", which starts a layer"
+             : ", where a batch of " + std::to_string(n) + " has no sample done yet"));
   }
   Tensor& out = impl_->msg_out;
   Tensor& out_carry = impl_->msg_out_carry;
@@ -748,8 +860,11 @@ Result<StageExecutor::ComputeTimes> StageExecutor::TimeRuns(int batch, int runs,
   input.set_unit(static_cast<uint32_t>(begin_));
   input.set_num_samples(static_cast<uint32_t>(batch));
   FEDSLICE_RETURN_IF_ERROR(random_tensor(chain_.MainShape(begin_), input.mutable_data()));
-  if (const std::vector<int64_t> carry = chain_.CarryShape(begin_); !carry.empty()) {
-    FEDSLICE_RETURN_IF_ERROR(random_tensor(carry, input.mutable_carry()));
+  if (const int64_t carried = chain_.CarrySamples(begin_, batch); carried > 0) {
+    Tensor t(WithBatch(carried, chain_.CarryShape(begin_)));
+    for (float& x : t.span()) x = uniform(rng);
+    FEDSLICE_RETURN_IF_ERROR(
+        EncodeActivation(t, *codec::ParseCodec("fp32"), input.mutable_carry()));
   }
   ComputeTimes best{std::numeric_limits<double>::max(), std::numeric_limits<double>::max()};
   for (int r = 0; r < runs; ++r) {

@@ -242,6 +242,27 @@ TEST_P(ConvTest, ForwardMatchesDirectConvolution) {
   for (int64_t i = 0; i < y.size(); ++i) EXPECT_NEAR(y.data()[i], want.data()[i], 1e-5) << i;
 }
 
+// Some samples of a batch, straight into their place in the batch's output: Forward's values
+// bit for bit (what a pipeline stage holding part of a conv2d cut by sample relies on).
+TEST_P(ConvTest, ForwardSamplesIsForwardOnThoseSamples) {
+  const ConvCase cc = GetParam();
+  Bound b = Make(ConvSpec(cc.c, cc.oc, cc.k, cc.stride, cc.pad), {cc.c, cc.h, cc.w}, 5);
+  Tensor x = RandomTensor({5, cc.c, cc.h, cc.w}, 7);
+  Tensor y;
+  b.layer->Forward(x, &y, false);
+  auto* conv = dynamic_cast<Conv2DLayer*>(b.layer.get());
+  ASSERT_NE(conv, nullptr);
+  const int64_t in_size = x.sample_size(), out_size = y.sample_size();
+  Tensor z(y.shape());
+  z.SetZero();
+  conv->ForwardSamples(x.data() + 2 * in_size, 2, z.data() + 2 * out_size);  // samples 2-3
+  conv->ForwardSamples(x.data(), 0, z.data());                               // none: no-op
+  for (int64_t i = 0; i < z.size(); ++i) {
+    const bool written = i >= 2 * out_size && i < 4 * out_size;
+    ASSERT_EQ(z.data()[i], written ? y.data()[i] : 0.0f) << i;
+  }
+}
+
 TEST_P(ConvTest, GradientsMatchFiniteDifferences) {
   const ConvCase cc = GetParam();
   Bound b = Make(ConvSpec(cc.c, cc.oc, cc.k, cc.stride, cc.pad), {cc.c, cc.h, cc.w}, 8);

@@ -29,6 +29,13 @@ proto::ChainSpec Splits(std::initializer_list<std::pair<int, int>> cuts, bool by
   return spec;
 }
 
+// The cnn's conv2 (layer 3) cut by sample into `parts`.
+proto::ChainSpec Conv2BySample(int parts) {
+  proto::ChainSpec spec = Splits({{3, parts}});
+  spec.mutable_splits(0)->set_by_sample(true);
+  return spec;
+}
+
 Tensor RandomInput(const Model& model, int64_t batch, uint64_t seed) {
   std::vector<int64_t> shape = {batch};
   for (int64_t d : model.InputShape(0)) shape.push_back(d);
@@ -225,6 +232,59 @@ TEST(ChainTest, BandCostsPriceTheRowsAndOneFixedCostPerBand) {
   EXPECT_DOUBLE_EQ(shares.entry_ms_per_sample[static_cast<size_t>(conv2 + 1)], 1.4 * 2 / 14.0);
 }
 
+// Cut by sample, part j of P computes samples [n·j/P, n·(j+1)/P) of a micro-batch of n: the
+// main activation stays conv2's whole input, the carry is the samples done so far.
+TEST(ChainTest, ConvCutBySampleCarriesTheSamplesDone) {
+  auto chain = Chain::Create(CnnSpec(), Conv2BySample(4));
+  ASSERT_TRUE(chain.ok()) << chain.status().ToString();
+  ASSERT_EQ(chain->num_units(), 13);
+  const int conv2 = chain->FirstUnitOfLayer(3);
+  EXPECT_TRUE(chain->BySample(3));
+  EXPECT_FALSE(chain->BySample(0));
+  EXPECT_TRUE(chain->CarryShape(conv2).empty());
+  EXPECT_EQ(chain->CarrySamples(conv2, 64), 0);
+  for (int j = 1; j < 4; ++j) {
+    EXPECT_EQ(chain->MainShape(conv2 + j), (std::vector<int64_t>{32, 14, 14}));
+    EXPECT_EQ(chain->CarryShape(conv2 + j), (std::vector<int64_t>{64, 14, 14}));
+    EXPECT_EQ(chain->CarrySamples(conv2 + j, 64), 16 * j);
+    EXPECT_EQ(chain->SampleBegin(conv2 + j, 64), 16 * j);
+    EXPECT_EQ(chain->SampleEnd(conv2 + j, 64), 16 * (j + 1));
+  }
+  // Rounded down, so a small batch's early parts may hold no sample (and carry none on).
+  EXPECT_EQ(chain->CarrySamples(conv2 + 1, 3), 0);
+  EXPECT_EQ(chain->CarrySamples(conv2 + 2, 3), 1);
+  EXPECT_EQ(chain->CarrySamples(conv2 + 3, 3), 2);
+  EXPECT_EQ(chain->SampleEnd(conv2 + 3, 3), 3);
+  EXPECT_EQ(chain->CarrySamples(conv2 + 4, 64), 0);  // relu2: the layer is whole again
+  EXPECT_EQ(chain->Describe(conv2 + 1, conv2 + 3), "conv2[1/4]..conv2[2/4]");
+
+  // Costs: each part a quarter of the layer, by the layer's own kernel (no band costs); the
+  // bytes crossing after part j are conv2's input plus (j + 1) quarters of its output.
+  auto model = Model::Create(CnnSpec());
+  ASSERT_TRUE(model.ok());
+  const auto layer_costs = ComputeLayerCosts(*model);
+  const auto costs = chain->UnitCosts(layer_costs);
+  const LayerCost& conv2_cost = layer_costs[3];
+  EXPECT_DOUBLE_EQ(costs[static_cast<size_t>(conv2 + 1)].forward_flops,
+                   conv2_cost.forward_flops / 4);
+  EXPECT_EQ(costs[static_cast<size_t>(conv2 + 1)].output_bytes,
+            4 * (32 * 14 * 14 + 2 * 64 * 14 * 14 / 4));
+  EXPECT_EQ(costs[static_cast<size_t>(conv2 + 3)].output_bytes, conv2_cost.output_bytes);
+  std::vector<double> layer_ms(10, 1.0), band_fixed(10, 0.0), band_row(10, 0.0), join(10, 0.0);
+  layer_ms[3] = 8.0;
+  band_fixed[3] = 0.5;  // would apply to bands; not to a cut by sample
+  band_row[3] = 0.6;
+  join[3] = 0.4;
+  const std::vector<double> times = chain->UnitTimes(layer_ms, band_fixed, band_row);
+  const std::vector<double> entry = chain->UnitEntryTimes(join, band_fixed);
+  for (int j = 0; j < 4; ++j) {
+    EXPECT_DOUBLE_EQ(times[static_cast<size_t>(conv2 + j)], 2.0) << "part " << j;
+    EXPECT_DOUBLE_EQ(entry[static_cast<size_t>(conv2 + j)], 0.1 * j) << "part " << j;
+  }
+  // The parts hold the whole layer's weights, once per run of them.
+  EXPECT_EQ(chain->SliceParamCount(conv2 + 1, conv2 + 3), 64 * (32 * 25 + 1));
+}
+
 TEST(ChainTest, RejectsBadCuts) {
   auto expect_bad = [](const proto::ChainSpec& spec, const std::string& what) {
     auto chain = Chain::Create(CnnSpec(), spec);
@@ -241,6 +301,14 @@ TEST(ChainTest, RejectsBadCuts) {
   proto::ChainSpec dense_by_position = Splits({{7, 2}});
   dense_by_position.mutable_splits(0)->set_by_position(true);
   expect_bad(dense_by_position, "conv2d layers only");
+  proto::ChainSpec dense_by_sample = Splits({{7, 2}});
+  dense_by_sample.mutable_splits(0)->set_by_sample(true);
+  expect_bad(dense_by_sample, "conv2d layers only");
+  proto::ChainSpec both = Conv2BySample(4);
+  both.mutable_splits(0)->set_by_position(true);
+  expect_bad(both, "exclude each other");
+  expect_bad(Conv2BySample(65), "parts = 65");
+  EXPECT_TRUE(Chain::Create(CnnSpec(), Conv2BySample(64)).ok());
   proto::ModelSpec broken = CnnSpec();
   broken.set_num_classes(7);
   EXPECT_FALSE(Chain::Create(broken, {}).ok());
@@ -284,6 +352,41 @@ TEST(ChainTest, AutoSplitCutsTheHeavyLayers) {
                 64.0)
         << stages << " stages";
   }
+}
+
+// With the micro-batch known, a conv2d is cut by sample when the batch has samples enough
+// for the grain wanted: into the largest divisor of the batch up to 64 (equal parts), else
+// into min(batch, 64) parts; with too few samples, by position as without it.
+TEST(ChainTest, AutoSplitCutsConvBySampleWhenTheBatchAllows) {
+  auto model = Model::Create(CnnSpec());
+  ASSERT_TRUE(model.ok());
+  const auto costs = ComputeLayerCosts(*model);
+  auto conv2_split = [&](int stages, int micro_batch) {
+    const proto::ChainSpec spec = AutoSplit(CnnSpec(), costs, stages, micro_batch);
+    EXPECT_TRUE(Chain::Create(CnnSpec(), spec).ok());
+    return spec.splits(0);
+  };
+  proto::LayerSplit split = conv2_split(4, 64);
+  EXPECT_EQ(split.layer_index(), 3u);
+  EXPECT_TRUE(split.by_sample());
+  EXPECT_FALSE(split.by_position());
+  EXPECT_EQ(split.parts(), 64u);
+  double total = 0;
+  for (const auto& c : costs) total += c.forward_flops;
+  const auto wanted = static_cast<uint32_t>(std::ceil(64 * costs[3].forward_flops / total));
+  ASSERT_GT(wanted, 40u);  // conv2 is ~80% of the FLOPs: 4 stages want ~52 parts
+  ASSERT_LE(wanted, 60u);
+  EXPECT_EQ(conv2_split(4, 128).parts(), 64u);  // 2 samples each
+  EXPECT_EQ(conv2_split(4, 120).parts(), 60u);  // the largest divisor in [wanted, 64]
+  EXPECT_EQ(conv2_split(4, 61).parts(), 61u);   // 61 is prime: one sample each
+  EXPECT_EQ(conv2_split(4, 67).parts(), 64u);   // no divisor: parts of 1-2 samples
+  EXPECT_TRUE(conv2_split(4, 67).by_sample());
+  EXPECT_EQ(conv2_split(2, 64).parts(), 64u);
+  // 8 samples cannot cut conv2 as finely as 4 stages want: positions.
+  split = conv2_split(4, 8);
+  EXPECT_FALSE(split.by_sample());
+  EXPECT_TRUE(split.by_position());
+  EXPECT_EQ(split.parts(), AutoSplit(CnnSpec(), costs, 4).splits(0).parts());
 }
 
 // Whole-layer slices give exactly the single-process logits, for any cut points, batch sizes
@@ -346,6 +449,100 @@ TEST(StageExecutorTest, CutLayersMatchTheModelClosely) {
       }
     }
   }
+}
+
+// A conv2d cut by sample runs the layer's own kernel on each stage's samples: exactly the
+// single-process logits, for stage boundaries anywhere (inside conv2 and elsewhere), batch
+// sizes that leave some parts without a sample, one and two threads, tensors and messages.
+TEST(StageExecutorTest, ConvCutBySampleIsBitIdenticalToTheModel) {
+  const proto::ModelSpec spec = CnnSpec();
+  auto model = Model::Create(spec);
+  ASSERT_TRUE(model.ok());
+  auto chain = Chain::Create(spec, Conv2BySample(8));
+  ASSERT_TRUE(chain.ok());
+  const int conv2 = chain->FirstUnitOfLayer(3), n = chain->num_units();
+  const auto fp32 = *codec::ParseCodec("fp32");
+  for (int threads : {1, 2}) {
+    SetNumThreads(threads);
+    for (int64_t batch : {1, 5, 16, 33}) {
+      const Tensor input = RandomInput(*model, batch, static_cast<uint64_t>(batch) + 40);
+      Tensor expected;
+      ASSERT_TRUE(model->Forward(input, &expected).ok());
+      for (const std::vector<int>& bounds :
+           {std::vector<int>{0, conv2 + 3, n},
+            std::vector<int>{0, conv2 + 1, conv2 + 2, conv2 + 7, n},
+            std::vector<int>{0, conv2, conv2 + 8, n},
+            std::vector<int>{0, 2, conv2 + 5, conv2 + 6, n - 2, n}, std::vector<int>{0, n}}) {
+        for (bool messages : {false, true}) {
+          const Tensor got = RunPipeline(*model, *chain, bounds, input, messages ? &fp32 : nullptr);
+          ASSERT_EQ(got.shape(), expected.shape());
+          for (int64_t i = 0; i < got.size(); ++i) {
+            ASSERT_EQ(got.data()[i], expected.data()[i])
+                << "batch " << batch << ", threads " << threads << ", second bound " << bounds[1]
+                << (messages ? ", messages" : ", tensors") << ", value " << i;
+          }
+        }
+      }
+    }
+  }
+  SetNumThreads(0);
+}
+
+// A stage inside a conv2d cut by sample checks the carry's sample count against the batch.
+TEST(StageExecutorTest, ConvCutBySampleRejectsACarryOfTheWrongSamples) {
+  const proto::ModelSpec spec = CnnSpec();
+  auto model = Model::Create(spec);
+  ASSERT_TRUE(model.ok());
+  auto chain = Chain::Create(spec, Conv2BySample(4));
+  ASSERT_TRUE(chain.ok());
+  const int conv2 = chain->FirstUnitOfLayer(3);
+  auto packed = chain->PackSlice(model->params(), conv2 + 2, chain->num_units());
+  ASSERT_TRUE(packed.ok());
+  auto ex = StageExecutor::Create(*chain, conv2 + 2, chain->num_units(), *packed);
+  ASSERT_TRUE(ex.ok()) << ex.status().ToString();
+  const auto fp32 = *codec::ParseCodec("fp32");
+  auto batch_of = [&](int64_t samples, int64_t carried) {
+    Tensor main({samples, 32, 14, 14}), carry({carried, 64, 14, 14});
+    main.SetZero();
+    carry.SetZero();
+    proto::ActivationBatch b;
+    b.set_unit(static_cast<uint32_t>(conv2 + 2));
+    b.set_num_samples(static_cast<uint32_t>(samples));
+    EXPECT_TRUE(EncodeActivation(main, fp32, b.mutable_data()).ok());
+    if (carried > 0) {
+      EXPECT_TRUE(EncodeActivation(carry, fp32, b.mutable_carry()).ok());
+    }
+    return b;
+  };
+  // 8 samples: parts 0-1 did samples 0-3.
+  auto r = (*ex)->Run(batch_of(8, 4), fp32);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->data().shape(0), 8);
+  auto wrong = (*ex)->Run(batch_of(8, 5), fp32);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_THAT(wrong.status().message(), HasSubstr("expected [4, 64, 14, 14]"));
+  proto::ActivationBatch none = batch_of(8, 4);
+  none.clear_carry();
+  wrong = (*ex)->Run(none, fp32);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_THAT(wrong.status().message(), HasSubstr("needs one"));
+  // 1 sample: parts 0-1 hold none of it, so nothing may be carried in.
+  EXPECT_TRUE((*ex)->Run(batch_of(1, 0), fp32).ok());
+  proto::ActivationBatch extra = batch_of(1, 0);
+  Tensor one({1, 64, 14, 14});
+  one.SetZero();
+  ASSERT_TRUE(EncodeActivation(one, fp32, extra.mutable_carry()).ok());
+  wrong = (*ex)->Run(extra, fp32);
+  ASSERT_FALSE(wrong.ok());
+  EXPECT_THAT(wrong.status().message(), HasSubstr("no sample done yet"));
+  // The tensor form checks the carry too.
+  Tensor main({8, 32, 14, 14}), carry({3, 64, 14, 14}), out, out_carry;
+  main.SetZero();
+  carry.SetZero();
+  const Status st = (*ex)->Run(main, carry, &out, &out_carry);
+  EXPECT_EQ(st.code(), Status::Code::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr("takes [4, 64, 14, 14]"));
+  EXPECT_TRUE((*ex)->Run(batch_of(8, 4), fp32).ok());  // still working
 }
 
 // Bands of a strided, padded conv2d (BandConvForward's edge cases: padding rows above and

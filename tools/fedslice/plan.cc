@@ -307,7 +307,8 @@ int RunPlan(int argc, char** argv) {
   std::vector<slicing::LayerCost> planned = costs;
   if (split_layers) {
     auto chain = slicing::Chain::Create(
-        model->spec(), slicing::AutoSplit(model->spec(), costs, static_cast<int>(devices.size())));
+        model->spec(), slicing::AutoSplit(model->spec(), costs, static_cast<int>(devices.size()),
+                                          plan_options.micro_batch));
     if (!chain.ok()) {
       PrintError(command, "cannot cut the model: " + chain.status().ToString());
       return kExitFailure;

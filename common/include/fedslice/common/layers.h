@@ -126,6 +126,12 @@ class Conv2DLayer final : public Layer {
   void InitParams(std::mt19937_64& rng, bool he) override;
   void Forward(const Tensor& in, Tensor* out, bool training) override;
   void Backward(const Tensor& grad_out, Tensor* grad_in) override;
+  // Inference on `count` samples: in [count, c, h, w] -> out [count, oc, out_h, out_w], both
+  // raw buffers the caller owns (no training copy). Forward's computation sample for sample,
+  // so the results are bit-identical to Forward's for the same samples: what lets a pipeline
+  // stage compute some of a micro-batch's samples straight into the layer's whole output
+  // (slicing/chain.h, cuts by sample).
+  void ForwardSamples(const float* in, int64_t count, float* out);
 
  private:
   struct Scratch {

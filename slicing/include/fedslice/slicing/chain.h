@@ -14,12 +14,24 @@
 // 1/14 of it, ~4-6 ms of a 4x-slower device against stages of ~25 ms, too coarse to balance
 // 3-4 stages.
 //
+// A conv2d layer can also be cut by SAMPLE (LayerSplit.by_sample): part j of P computes the
+// whole layer for samples [n·j/P, n·(j+1)/P) of a micro-batch of n, with the layer's own
+// kernel (Conv2DLayer::ForwardSamples). Why, and why AutoSplit prefers it when the
+// micro-batch has samples enough: the layer computes one sample at a time anyway, so the parts
+// add up to exactly the layer's work and results (bit-identical to one process), where each
+// band of positions pays a fixed cost (the input rows under its edges, a product's set-up) and
+// the band kernel ran slower than the layer's own: with bands the cnn's 2-4 stages did 7-9%
+// more work than one process, by sample 0-1% (bench/stage_bench), and the 4-stage pipeline
+// of emulated devices went from 3.33x to 3.6x one device (bench/pipeline_bench.sh).
+//
 // What crosses a boundary before unit u (the "activation" a stage receives):
 //   main  [batch] + MainShape(u): the input of u's layer (for u = num_units(): the logits),
 //   carry [batch] + CarryShape(u): when u is part j > 0 of a split layer, the outputs of parts
 //         0..j-1: positions [0, out_begin(u)) of every channel of a conv2d ({c, positions};
 //         {c, rows, cols} when it is cut by whole rows), features [0, out_begin(u)) of a
-//         dense layer; otherwise empty.
+//         dense layer; otherwise empty. Cut by sample, the carry is [CarrySamples(u, batch)]
+//         + the layer's output shape: the samples done so far (none, so no carry, when the
+//         earlier parts hold no sample of a small batch).
 // A stage that ends inside a split layer so sends the layer's input onward with the rows /
 // features computed so far; the stage that computes its last part joins them.
 //
@@ -90,8 +102,18 @@ class Chain {
   // CarryShape is empty when nothing is carried.
   const std::vector<int64_t>& MainShape(int u) const;
   std::vector<int64_t> CarryShape(int u) const;
+  // Samples of the carry at boundary u for a micro-batch of `batch`: 0 when nothing is
+  // carried (CarryShape empty, or a cut by sample whose earlier parts hold no sample of so
+  // small a batch), the samples done so far for a cut by sample, else `batch`.
+  int64_t CarrySamples(int u, int64_t batch) const;
+  // A part of a layer cut by sample computes samples [SampleBegin, SampleEnd) of a micro-batch
+  // of `batch`: batch · out_begin / parts to batch · out_end / parts (rounded down).
+  int64_t SampleBegin(int u, int64_t batch) const;
+  int64_t SampleEnd(int u, int64_t batch) const;
+  // Whether `layer` is cut by sample (LayerSplit.by_sample).
+  bool BySample(int layer) const;
   // Sample shape of the first `done` outputs (0 < done < all) of cut layer `layer`, as
-  // CarryShape gives them.
+  // CarryShape gives them (not for a cut by sample).
   std::vector<int64_t> DoneShape(int layer, int64_t done) const;
 
   // The planner's costs per unit, from the model's per-layer costs (ComputeLayerCosts): a part
@@ -137,26 +159,35 @@ class Chain {
   std::vector<int64_t> layer_offsets_;              // into the model's flat buffer
   std::vector<int64_t> layer_params_;               // per layer
   std::vector<bool> by_position_;                   // per layer: a conv2d cut by position
+  std::vector<bool> by_sample_;                     // per layer: a conv2d cut by sample
+  // What the units of cut layer `layer` count out_begin / out_end in: parts (by sample),
+  // positions (conv2d) or features (dense).
+  int64_t UnitSpan(int layer) const;
 };
 
 // Which layers to cut for a pipeline of up to `max_stages` stages: a conv2d or dense layer
 // holding more than 1/(4·max_stages) of the model's forward FLOPs is cut into
 // ceil(kPartsPerStageShare·max_stages·share) parts (conv2d by position; at most its output
-// positions / features and kMaxLayerParts), so that stage boundaries can fall within
+// positions / features and kMaxLayerParts). Given the `micro_batch` (> 0) and at least that
+// many samples in it, a conv2d is cut by sample instead, into the largest divisor of the
+// micro-batch in [that many, kMaxLayerParts] (equal parts), or else min(micro_batch,
+// kMaxLayerParts) parts. Either way stage boundaries can fall within
 // ~1/(16·max_stages) of the ideal balance. Finer is nearly free (a stage runs its
 // consecutive parts as one band); coarser was not: with 2·K parts the cnn's 3- and 4-stage
 // plans were 14% off balance, with 4·K its 2-stage plan 13% (7 bands of conv2, each ~9% of
 // the model), and with its 14 rows as the finest grain the 4-stage plan left its first stage
 // ~20% short of the others. max_stages <= 1: no cuts.
 proto::ChainSpec AutoSplit(const proto::ModelSpec& model, std::span<const LayerCost> layer_costs,
-                           int max_stages);
+                           int max_stages, int micro_batch = 0);
 
 // Runs units [begin, end) of a chain with the slice's packed parameters. Whole-layer runs
 // split the batch over the engine's worker threads exactly as Model::Forward does (and each
 // layer's weights keep the alignment they have in a Model), so a plan without cut layers
-// gives logits bit-identical to single-process inference with the same batch size; cut
-// layers compute their parts as separate products, which can round differently (|Δ| ~1e-7).
-// Consecutive parts of one layer within the slice run as one band / one product.
+// gives logits bit-identical to single-process inference with the same batch size, and so
+// does one with conv2d layers cut by sample (each sample through the layer's own kernel, on
+// the worker Model::Forward gives it); parts by position, row or feature are separate
+// products, which can round differently (|Δ| ~1e-7). Consecutive parts of one layer within
+// the slice run as one band / one product / one range of samples.
 class StageExecutor {
  public:
   // `packed` must hold Chain::SliceParamCount(begin, end) finite values (copied).

@@ -35,8 +35,8 @@ namespace fedslice::net {
 // are compatible (new message types are answered with ERROR_UNSUPPORTED_MESSAGE).
 inline constexpr uint32_t kProtocolMajor = 1;
 // 1.1: split inference (fields 40-49); 1.2: conv2d layers cut by position
-// (LayerSplit.by_position).
-inline constexpr uint32_t kProtocolMinor = 2;
+// (LayerSplit.by_position); 1.3: conv2d layers cut by sample (LayerSplit.by_sample).
+inline constexpr uint32_t kProtocolMinor = 3;
 
 inline constexpr std::array<uint8_t, 4> kFrameMagic = {'F', 'S', 'L', '1'};
 inline constexpr size_t kFrameHeaderBytes = 8;
