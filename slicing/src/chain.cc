@@ -603,7 +603,7 @@ bool StageExecutor::PassesInputThrough() const {
 }
 
 Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* out,
-                                 Tensor* out_carry, bool copy_passthrough) {
+                                 Tensor* out_carry, bool copy_passthrough, Tensor* carry_storage) {
   const int64_t batch = in.batch();
   if (batch < 1 || batch > kMaxBatch) {
     return Status::InvalidArgument("batch of " + std::to_string(batch) +
@@ -676,8 +676,17 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
         const int64_t first = std::clamp<int64_t>(chain_.SampleBegin(u, batch) - n0, 0, rows);
         const int64_t done = std::clamp<int64_t>(chain_.SampleEnd(last, batch) - n0, 0, rows);
         const int64_t in_size = Product(chain_.MainShape(u)), out_size = Product(out_shape);
-        w.combined.Resize(WithBatch(ends_inside ? done : rows, out_shape));
-        if (first > 0) std::copy_n(rows_carry->data(), first * out_size, w.combined.data());
+        const std::vector<int64_t> combined_shape = WithBatch(ends_inside ? done : rows, out_shape);
+        if (first > 0 && carry_storage != nullptr && rows_carry == carry_storage &&
+            carry_storage->capacity() >= Product(combined_shape)) {
+          // The carried samples are already at the front of the carry's storage: grow it into
+          // the layer's output rather than copy them (up to megabytes, in compute time).
+          std::swap(w.combined, *carry_storage);
+          w.combined.Resize(combined_shape);
+        } else {
+          w.combined.Resize(combined_shape);
+          if (first > 0) std::copy_n(rows_carry->data(), first * out_size, w.combined.data());
+        }
         auto* conv = static_cast<Conv2DLayer*>(w.layers[k0].get());
         conv->ForwardSamples(cur->data() + first * in_size, done - first,
                              w.combined.data() + first * out_size);
@@ -800,6 +809,11 @@ Result<proto::ActivationBatch> StageExecutor::RunMessage(const proto::Activation
                                      " has no carry; unit " + std::to_string(begin_) +
                                      " is inside a cut layer and needs one");
     }
+    if (chain_.BySample(chain_.unit(begin_).layer)) {
+      // Room for the layer's whole output behind the samples done, which RunTensors then
+      // computes in place.
+      carry.Resize(WithBatch(n, chain_.CarryShape(begin_)));
+    }
     s = DecodeActivation(batch.carry(), WithBatch(carry_samples, chain_.CarryShape(begin_)),
                          &carry);
     if (!s.ok())
@@ -819,7 +833,8 @@ Result<proto::ActivationBatch> StageExecutor::RunMessage(const proto::Activation
   // A slice that ends inside the layer it starts in sends that layer's input on as it came:
   // the received bytes are forwarded rather than encoded again (when the codec is the same).
   const bool forward_input = PassesInputThrough() && batch.data().codec() == codec.name;
-  FEDSLICE_RETURN_IF_ERROR(RunTensors(in, carry, &out, &out_carry, !forward_input));
+  FEDSLICE_RETURN_IF_ERROR(RunTensors(in, carry, &out, &out_carry, !forward_input,
+                                      carry_samples > 0 ? &carry : nullptr));
   if (times != nullptr) {
     times->cpu_seconds = ThreadCpuSeconds() - cpu_start;
     times->wall_seconds =

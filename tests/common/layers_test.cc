@@ -166,11 +166,19 @@ TEST(TensorTest, ResizeKeepsStorageWhenItFits) {
   EXPECT_EQ(reinterpret_cast<uintptr_t>(t.data()) % 64, 0u);
   EXPECT_TRUE(std::all_of(t.span().begin(), t.span().end(), [](float v) { return v == 0; }));
   const float* p = t.data();
+  EXPECT_GE(t.capacity(), 24);
   t.Resize({2, 5});
   EXPECT_EQ(t.data(), p);
   EXPECT_EQ(t.matrix().rows(), 2);
   EXPECT_EQ(t.matrix().cols(), 5);
+  // Growing back within the capacity keeps the values written before (a pipeline stage grows
+  // a carry of the samples done into the whole layer's output this way).
+  for (int i = 0; i < 10; ++i) t.data()[i] = static_cast<float>(i + 1);
+  t.Resize({4, 6});
+  EXPECT_EQ(t.data(), p);
+  for (int i = 0; i < 10; ++i) EXPECT_EQ(t.data()[i], static_cast<float>(i + 1));
   t.Resize({100, 100});
+  EXPECT_GE(t.capacity(), 10000);
   EXPECT_EQ(t.size(), 10000);
   EXPECT_EQ(reinterpret_cast<uintptr_t>(t.data()) % 64, 0u);
   Tensor copy = t;

@@ -61,9 +61,12 @@ class Tensor {
   }
 
   // Gives the tensor `shape`. Keeps the storage when it is large enough (no allocation, data()
-  // unchanged); the element values are then unspecified (whatever was there), so callers
-  // overwrite them. Every dimension must be >= 0.
+  // unchanged, the values left where they were: callers overwrite what they need, or keep a
+  // prefix they wrote before growing within capacity()); otherwise allocates new storage whose
+  // values are unspecified. Every dimension must be >= 0.
   void Resize(const std::vector<int64_t>& shape);
+  // Elements the storage holds (>= size()).
+  int64_t capacity() const { return capacity_; }
   // Sets every element to zero.
   void SetZero();
 

@@ -243,8 +243,11 @@ class StageExecutor {
   // input, unchanged.
   bool PassesInputThrough() const;
   // Run, but the passed-through input is copied to `out` only when `copy_passthrough`.
+  // `carry_storage`, when not null, is `carry` itself, ours to take: a cut by sample may grow
+  // it into the layer's output in place (its samples are already at the front) instead of
+  // copying them.
   Status RunTensors(const Tensor& in, const Tensor& carry, Tensor* out, Tensor* out_carry,
-                    bool copy_passthrough);
+                    bool copy_passthrough, Tensor* carry_storage = nullptr);
   Result<proto::ActivationBatch> RunMessage(const proto::ActivationBatch& batch,
                                             proto::EncodedTensor* take_data,
                                             const codec::CodecSpec& codec, ComputeTimes* times);
