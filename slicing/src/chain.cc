@@ -329,6 +329,13 @@ Device Chain::UnitDevice(const Device& by_layer) const {
                 by_layer.layer_band_row_ms_per_sample);
   d.entry_ms_per_sample =
       UnitEntryTimes(by_layer.layer_join_ms_per_sample, by_layer.layer_band_fixed_ms_per_sample);
+  if (by_layer.num_threads <= 1) {
+    // On one engine thread a stage grows a carry of the samples done into the layer's output
+    // in place (StageExecutor's message form): entering a cut by sample joins nothing.
+    for (size_t u = 0; u < units_.size(); ++u) {
+      if (BySample(units_[u].layer)) d.entry_ms_per_sample[u] = 0.0;
+    }
+  }
   return d;
 }
 

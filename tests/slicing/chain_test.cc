@@ -281,6 +281,16 @@ TEST(ChainTest, ConvCutBySampleCarriesTheSamplesDone) {
     EXPECT_DOUBLE_EQ(times[static_cast<size_t>(conv2 + j)], 2.0) << "part " << j;
     EXPECT_DOUBLE_EQ(entry[static_cast<size_t>(conv2 + j)], 0.1 * j) << "part " << j;
   }
+  // A device of one thread grows the carry in place (no join); of two, it joins.
+  Device by_layer;
+  by_layer.layer_ms_per_sample = layer_ms;
+  by_layer.layer_join_ms_per_sample = join;
+  by_layer.num_threads = 1;
+  EXPECT_DOUBLE_EQ(chain->UnitDevice(by_layer).entry_ms_per_sample[static_cast<size_t>(conv2 + 3)],
+                   0.0);
+  by_layer.num_threads = 2;
+  EXPECT_DOUBLE_EQ(chain->UnitDevice(by_layer).entry_ms_per_sample[static_cast<size_t>(conv2 + 3)],
+                   0.3);
   // The parts hold the whole layer's weights, once per run of them.
   EXPECT_EQ(chain->SliceParamCount(conv2 + 1, conv2 + 3), 64 * (32 * 25 + 1));
 }

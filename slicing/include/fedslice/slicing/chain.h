@@ -136,7 +136,8 @@ class Chain {
                                      std::span<const double> band_fixed_ms = {}) const;
   // `by_layer` (DeviceFromProfile) with its times mapped onto this chain's units, as
   // PlanPipeline over UnitCosts needs them: UnitTimes and UnitEntryTimes of its per-layer
-  // forward, join and band times.
+  // forward, join and band times; a device of one engine thread enters a cut by sample at no
+  // cost (its stage grows the carry in place instead of joining it).
   Device UnitDevice(const Device& by_layer) const;
 
   // Number of packed parameters of units [b, e) (0 <= b < e <= num_units()).
