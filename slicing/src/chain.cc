@@ -667,9 +667,9 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
         ++u;
         continue;
       }
-      // Parts u..last of one cut layer, joined into one layer: they compute the layer's rows
-      // (conv2d) or features (dense) [out_begin(u), out_end(last)) from its input; those go
-      // after the ones carried in.
+      // Parts u..last of one cut layer, joined into one layer: they compute the layer's
+      // samples (cut by sample), positions (conv2d) or features (dense) [out_begin(u),
+      // out_end(last)) from its input; those go after the ones carried in.
       const auto& out_shape = chain_.MainShape(chain_.FirstUnitOfLayer(unit.layer + 1));
       const bool conv = out_shape.size() == 3;
       int last = u;
@@ -694,38 +694,26 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
           w.combined.Resize(combined_shape);
           if (first > 0) std::copy_n(rows_carry->data(), first * out_size, w.combined.data());
         }
-        auto* conv = static_cast<Conv2DLayer*>(w.layers[k0].get());
-        conv->ForwardSamples(cur->data() + first * in_size, done - first,
-                             w.combined.data() + first * out_size);
-        if (ends_inside) {
-          std::swap(w.out_carry, w.combined);
-          if (cur_act != nullptr) {
-            std::swap(w.out, *cur_act);
-          } else if (copy_passthrough) {
-            w.out = rows_in;
-          }
-          return;
-        }
-        std::swap(w.acts[static_cast<size_t>(last - begin_)], w.combined);
-        cur = cur_act = &w.acts[static_cast<size_t>(last - begin_)];
-        u = last + 1;
-        continue;
-      }
-      const int64_t done = chain_.unit(last).out_end;
-      // Viewed as [samples][groups][outputs]: conv2d {c, rows, w} has groups = c and
-      // outputs = rows · w positions; dense {features} has groups = 1.
-      const int64_t groups = conv ? out_shape[0] : 1;
-      w.combined.Resize(WithBatch(
-          rows, done == UnitOutputs(out_shape) ? out_shape : chain_.DoneShape(unit.layer, done)));
-      if (unit.part > 0) {
-        CopyOutputs(*rows_carry, groups, unit.out_begin, &w.combined, done, 0);
-      }
-      if (conv) {
-        BandConvForward(chain_.model().layers(unit.layer).conv2d(), impl.params[k0].data(), *cur,
-                        out_shape, unit.out_begin, done, &w.combined, &w.band);
+        auto* layer = static_cast<Conv2DLayer*>(w.layers[k0].get());
+        layer->ForwardSamples(cur->data() + first * in_size, done - first,
+                              w.combined.data() + first * out_size);
       } else {
-        w.layers[k0]->Forward(*cur, &w.acts[k0], false);
-        CopyOutputs(w.acts[k0], groups, done - unit.out_begin, &w.combined, done, unit.out_begin);
+        const int64_t done = chain_.unit(last).out_end;
+        // Viewed as [samples][groups][outputs]: conv2d {c, rows, w} has groups = c and
+        // outputs = rows · w positions; dense {features} has groups = 1.
+        const int64_t groups = conv ? out_shape[0] : 1;
+        w.combined.Resize(WithBatch(
+            rows, done == UnitOutputs(out_shape) ? out_shape : chain_.DoneShape(unit.layer, done)));
+        if (unit.part > 0) {
+          CopyOutputs(*rows_carry, groups, unit.out_begin, &w.combined, done, 0);
+        }
+        if (conv) {
+          BandConvForward(chain_.model().layers(unit.layer).conv2d(), impl.params[k0].data(), *cur,
+                          out_shape, unit.out_begin, done, &w.combined, &w.band);
+        } else {
+          w.layers[k0]->Forward(*cur, &w.acts[k0], false);
+          CopyOutputs(w.acts[k0], groups, done - unit.out_begin, &w.combined, done, unit.out_begin);
+        }
       }
       if (ends_inside) {
         // The slice ends inside the layer: its input goes on, with the outputs done
