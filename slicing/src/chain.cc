@@ -623,9 +623,9 @@ Status StageExecutor::RunTensors(const Tensor& in, const Tensor& carry, Tensor* 
   }
   // A carry of no samples (a cut by sample whose earlier parts hold none of so small a batch)
   // is no carry.
-  const std::vector<int64_t> carry_shape =
-      chain_.CarrySamples(begin_, batch) > 0 ? chain_.CarryShape(begin_) : std::vector<int64_t>{};
   const int64_t carry_samples = chain_.CarrySamples(begin_, batch);
+  const std::vector<int64_t> carry_shape =
+      carry_samples > 0 ? chain_.CarryShape(begin_) : std::vector<int64_t>{};
   if (!carry_shape.empty() && carry.shape() != WithBatch(carry_samples, carry_shape)) {
     return Status::InvalidArgument("carry is " + ShapeString(carry.shape()) + ", the slice " +
                                    chain_.Describe(begin_, end_) + " takes " +
