@@ -505,9 +505,53 @@ Status DecodeQsgd(const char* headers, const uint8_t* stream, size_t stream_byte
 // ---------------------------------------------------------------------------------------------
 // topk
 
+// The k-th largest (1 <= k <= n) of the n non-negative scores score(0..n-1), found without
+// sorting: non-negative floats order as their bit patterns do, so one pass counts the scores
+// per bucket of their 11 highest bits (the sign bit is 0), and nth_element then runs only over
+// the bucket the k-th largest falls in. For an update-like input that bucket holds well under
+// 1% of the values, so selection costs three light passes instead of an O(n) nth_element
+// over a copy of every score (7-8x faster for the mlp; codec_bench).
+struct KthLargest {
+  float value = 0;
+  uint64_t above = 0;  // scores strictly greater than `value`
+};
+template <typename ScoreFn>
+Result<KthLargest> KthLargestScore(size_t n, uint64_t k, ScoreFn score) {
+  constexpr int kShift = 20;
+  constexpr size_t kBuckets = size_t{1} << (31 - kShift);
+  std::vector<uint64_t> count;
+  std::vector<float> bucket;
+  try {
+    count.assign(kBuckets, 0);
+  } catch (const std::exception& e) {
+    return Status::ResourceExhausted(std::string("topk scratch: ") + e.what());
+  }
+  for (size_t i = 0; i < n; ++i) ++count[std::bit_cast<uint32_t>(score(i)) >> kShift];
+  uint64_t above = 0;  // scores in the buckets above the one holding the k-th largest
+  size_t b = kBuckets - 1;
+  while (above + count[b] < k) above += count[b--];  // stops: the counts add up to n >= k
+  try {
+    bucket.reserve(count[b]);
+  } catch (const std::exception& e) {
+    return Status::ResourceExhausted(std::string("topk scratch: ") + e.what());
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const float x = score(i);
+    if ((std::bit_cast<uint32_t>(x) >> kShift) == b) bucket.push_back(x);
+  }
+  // The (k - above)-th largest of the bucket.
+  const auto nth = bucket.end() - static_cast<std::ptrdiff_t>(k - above);
+  std::nth_element(bucket.begin(), nth, bucket.end());
+  KthLargest kth{*nth, above};
+  for (auto it = nth + 1; it != bucket.end(); ++it) kth.above += *it > kth.value ? 1 : 0;
+  return kth;
+}
+
 // The k values of largest score, indices ascending, into `out` (k indices, then k values).
 // The score is |x|, or with `segments` (sizes of consecutive segments of v, adding up to its
-// size) |x| / RMS of x over its segment (a segment of zeros scores 0).
+// size) |x| / RMS of x over its segment (a segment of zeros scores 0). Every score above the
+// k-th largest is kept, and then the first ties with it in index order, so the choice is
+// deterministic. v is finite (checked by the caller).
 Status EncodeTopK(std::span<const float> v, uint64_t k, std::span<const uint64_t> segments,
                   char* out) {
   const size_t n = v.size();
@@ -520,48 +564,54 @@ Status EncodeTopK(std::span<const float> v, uint64_t k, std::span<const uint64_t
     }
     return Status::Ok();
   }
-  // Threshold = k-th largest score (nth_element, O(n)); then keep every score above it and
-  // the first ties in index order, so the choice is deterministic.
-  std::vector<float> scores, sorted;
+  if (k == 0) return Status::Ok();
+  auto emit = [&](auto score) -> Status {
+    FEDSLICE_ASSIGN_OR_RETURN(const KthLargest kth, KthLargestScore(n, k, score));
+    const float threshold = kth.value;
+    uint64_t ties = k - kth.above;
+    uint64_t j = 0;
+    for (size_t i = 0; i < n && j < k; ++i) {
+      const float x = score(i);
+      bool keep = x > threshold;
+      if (!keep && x == threshold && ties > 0) {
+        keep = true;
+        --ties;
+      }
+      if (keep) {
+        StoreU32(idx + 4 * j, static_cast<uint32_t>(i));
+        StoreF32(val + 4 * j, v[i]);
+        ++j;
+      }
+    }
+    return Status::Ok();
+  };
+  // |x| without the sign bit, so that -0.0 scores +0.0 and orders below every other score.
+  if (segments.empty()) return emit([v](size_t i) { return std::fabs(v[i]); });
+
+  std::vector<float> scores;
   try {
     scores.resize(n);
-    sorted.resize(n);
   } catch (const std::exception& e) {
     return Status::ResourceExhausted(std::string("topk scratch: ") + e.what());
   }
-  for (size_t i = 0; i < n; ++i) scores[i] = std::fabs(v[i]);
-  if (!segments.empty()) {
-    size_t at = 0;
-    for (const uint64_t size : segments) {
-      double squares = 0;
-      for (size_t i = at; i < at + size; ++i) squares += double{v[i]} * double{v[i]};
-      const double rms = size > 0 ? std::sqrt(squares / static_cast<double>(size)) : 0.0;
-      const float inverse = rms > 0 ? static_cast<float>(1.0 / rms) : 0.0f;
-      for (size_t i = at; i < at + size; ++i) scores[i] *= inverse;
-      at += size;
+  size_t at = 0;
+  for (const uint64_t size : segments) {
+    double squares = 0;
+    for (size_t i = at; i < at + size; ++i) squares += double{v[i]} * double{v[i]};
+    const double rms = size > 0 ? std::sqrt(squares / static_cast<double>(size)) : 0.0;
+    const float inverse = rms > 0 ? static_cast<float>(1.0 / rms) : 0.0f;
+    if (std::isfinite(inverse)) {
+      for (size_t i = at; i < at + size; ++i) scores[i] = std::fabs(v[i]) * inverse;
+    } else {
+      // A subnormal RMS: 1/RMS overflows, and |x| * inf would make 0 a NaN. |x| / RMS is at
+      // most sqrt(size), so dividing in double stays finite.
+      for (size_t i = at; i < at + size; ++i) {
+        scores[i] = static_cast<float>(std::fabs(double{v[i]}) / rms);
+      }
     }
+    at += size;
   }
-  std::copy(scores.begin(), scores.end(), sorted.begin());
-  const auto nth = sorted.begin() + static_cast<std::ptrdiff_t>(n - k);
-  std::nth_element(sorted.begin(), nth, sorted.end());
-  const float threshold = *nth;
-  uint64_t above = 0;
-  for (size_t i = 0; i < n; ++i) above += scores[i] > threshold ? 1 : 0;
-  uint64_t ties = k - above;
-  uint64_t j = 0;
-  for (size_t i = 0; i < n && j < k; ++i) {
-    bool keep = scores[i] > threshold;
-    if (!keep && scores[i] == threshold && ties > 0) {
-      keep = true;
-      --ties;
-    }
-    if (keep) {
-      StoreU32(idx + 4 * j, static_cast<uint32_t>(i));
-      StoreF32(val + 4 * j, v[i]);
-      ++j;
-    }
-  }
-  return Status::Ok();
+  return emit([&scores](size_t i) { return scores[i]; });
 }
 
 Status DecodeTopK(const char* in, uint64_t k, std::span<float> out) {

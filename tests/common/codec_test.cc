@@ -4,9 +4,12 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <string>
 #include <vector>
@@ -271,6 +274,56 @@ TEST(CodecRoundTrip, TopKKeepsLargestExactlyAndZeroesTheRest) {
   EXPECT_EQ(tied, (std::vector<float>{1, 1, 1, 0, 0, 0, 0, 0, 0, 0}));
 }
 
+// The selection (a bucket count over the scores' bits, then nth_element within one bucket)
+// must pick exactly what sorting by (|x| descending, index ascending) picks, on inputs that
+// stress it: many ties, a spread over every exponent, signed zeros, subnormals, one bucket
+// holding everything, and k from 1 to n.
+TEST(CodecRoundTrip, TopKPicksWhatAFullSortPicks) {
+  std::mt19937 rng(5);
+  auto reference = [](const std::vector<float>& v, size_t k) {
+    std::vector<size_t> order(v.size());
+    std::iota(order.begin(), order.end(), size_t{0});
+    std::stable_sort(order.begin(), order.end(),
+                     [&v](size_t a, size_t b) { return std::fabs(v[a]) > std::fabs(v[b]); });
+    std::vector<float> out(v.size(), 0.0f);
+    for (size_t j = 0; j < k; ++j) out[order[j]] = v[order[j]];
+    return out;
+  };
+  std::vector<std::vector<float>> inputs;
+  inputs.push_back(RandomVector(5000, 3));
+  std::uniform_int_distribution<int> small(-3, 3);
+  std::vector<float> tied(3000);
+  for (float& x : tied) x = static_cast<float>(small(rng));  // 7 values, 0 and ties
+  inputs.push_back(tied);
+  std::uniform_real_distribution<float> exponent(-140.0f, 120.0f);
+  std::vector<float> spread(3000);
+  for (float& x : spread) x = (rng() % 2 ? -1.0f : 1.0f) * std::exp2(exponent(rng));
+  inputs.push_back(spread);
+  std::vector<float> zeros(1000, 0.0f);
+  for (size_t i = 0; i < zeros.size(); i += 3) zeros[i] = -0.0f;
+  zeros[500] = std::numeric_limits<float>::denorm_min();
+  zeros[700] = -std::numeric_limits<float>::denorm_min();
+  inputs.push_back(zeros);
+  std::vector<float> one_bucket(2000);  // all within [1, 1.0005): the same 11 high bits
+  for (size_t i = 0; i < one_bucket.size(); ++i) one_bucket[i] = 1.0f + 1e-7f * (i % 500);
+  inputs.push_back(one_bucket);
+  for (size_t c = 0; c < inputs.size(); ++c) {
+    const auto& v = inputs[c];
+    for (const double f : {1e-4, 0.001, 0.01, 0.1, 0.37, 0.5, 0.99, 1.0}) {
+      const CodecSpec spec = Spec("topk:" + std::to_string(f));
+      const auto k = static_cast<size_t>(TopKCount(spec.fraction, v.size()));
+      const auto out = RoundTrip(spec, v);
+      const auto want = reference(v, k);
+      ASSERT_EQ(out.size(), want.size());
+      for (size_t i = 0; i < out.size(); ++i) {
+        // Bit for bit, so that -0.0 kept and 0.0 dropped differ.
+        ASSERT_EQ(std::bit_cast<uint32_t>(out[i]), std::bit_cast<uint32_t>(want[i]))
+            << "input " << c << ", f " << f << ", index " << i;
+      }
+    }
+  }
+}
+
 // topk:f:layer picks by |x| / RMS of x over x's segment: a segment of small values still
 // gets its largest ones sent. The payload is plain topk's (decoded without the segments).
 TEST(CodecRoundTrip, TopKPerLayerScalesEachSegmentByItsRms) {
@@ -295,6 +348,11 @@ TEST(CodecRoundTrip, TopKPerLayerScalesEachSegmentByItsRms) {
   layer.segments = {4, 4};
   const std::vector<float> zeros = {0, 0, 0, 0, 1, 2, 3, 4};
   EXPECT_EQ(RoundTrip(layer, zeros), (std::vector<float>{0, 0, 0, 0, 0, 0, 3, 4}));
+  // A segment of subnormals: 1 / RMS overflows a float, yet the scores stay |x| / RMS (2d
+  // scores 1.79, 4 scores 1.46) and its zeros score 0, not NaN.
+  const float d = std::numeric_limits<float>::denorm_min();
+  const std::vector<float> tiny = {4, 3, 2, 1, d, 2 * d, 0, 0};
+  EXPECT_EQ(RoundTrip(layer, tiny), (std::vector<float>{4, 0, 0, 0, 0, 2 * d, 0, 0}));
 }
 
 TEST(CodecRoundTrip, QsgdLevelsAndReproducibility) {
