@@ -366,13 +366,23 @@ void EncodeSign(std::span<const float> v, uint32_t block, char* headers, uint8_t
 
 void DecodeSign(const char* headers, const uint8_t* bits, uint32_t block, std::span<float> out) {
   const size_t n = out.size();
+  // Two passes that vectorise, rather than one that extracts bit g of the stream per value:
+  // first each value's sign bit (as the float +0 or -0), then the block's scale OR-ed in. The
+  // scales were checked to be >= 0, so their sign bit is clear and OR sets -s or s.
+  auto sign_of = [](uint32_t byte, size_t t) {
+    return std::bit_cast<float>(((byte >> t) & 1u) << 31);
+  };
+  const size_t full = n / 8;
+  for (size_t j = 0; j < full; ++j) {
+    const uint32_t byte = bits[j];
+    for (size_t t = 0; t < 8; ++t) out[8 * j + t] = sign_of(byte, t);
+  }
+  for (size_t t = 0; t < n % 8; ++t) out[8 * full + t] = sign_of(bits[full], t);
   for (size_t b = 0, start = 0; start < n; ++b, start += block) {
     const size_t len = std::min<size_t>(block, n - start);
-    const float s = LoadF32(headers + 4 * b);
-    float* o = out.data() + start;
-    for (size_t i = 0; i < len; ++i) {
-      const size_t g = start + i;
-      o[i] = ((bits[g >> 3] >> (g & 7)) & 1u) ? -s : s;
+    const uint32_t scale = std::bit_cast<uint32_t>(LoadF32(headers + 4 * b));
+    for (size_t i = start; i < start + len; ++i) {
+      out[i] = std::bit_cast<float>(std::bit_cast<uint32_t>(out[i]) | scale);
     }
   }
 }

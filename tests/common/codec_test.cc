@@ -237,16 +237,20 @@ TEST(CodecRoundTrip, EmptyVector) {
 }
 
 TEST(CodecRoundTrip, SignIsPlusMinusMeanAbsPerBlock) {
-  const auto v = RandomVector(1000, 10);
-  const uint32_t block = 128;
-  const auto out = RoundTrip(Spec("sign", block), v);
-  for (size_t start = 0; start < v.size(); start += block) {
-    const size_t end = std::min(v.size(), start + block);
-    double mean = 0;
-    for (size_t i = start; i < end; ++i) mean += std::fabs(v[i]);
-    mean /= static_cast<double>(end - start);
-    for (size_t i = start; i < end; ++i) {
-      EXPECT_FLOAT_EQ(out[i], v[i] < 0 ? -mean : mean) << i;
+  // Blocks that start inside a byte of signs and sizes that end inside one too.
+  for (const auto& [n, block] :
+       {std::pair<size_t, uint32_t>{1000, 128}, {1003, 13}, {7, 3}, {9, 256}, {17, 8}}) {
+    const auto v = RandomVector(n, 10);
+    const auto out = RoundTrip(Spec("sign", block), v);
+    for (size_t start = 0; start < v.size(); start += block) {
+      const size_t end = std::min(v.size(), start + block);
+      double mean = 0;
+      for (size_t i = start; i < end; ++i) mean += std::fabs(v[i]);
+      mean /= static_cast<double>(end - start);
+      for (size_t i = start; i < end; ++i) {
+        EXPECT_FLOAT_EQ(out[i], v[i] < 0 ? -mean : mean)
+            << "n " << n << ", block " << block << ", index " << i;
+      }
     }
   }
 }
