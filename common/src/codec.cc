@@ -403,48 +403,29 @@ uint64_t Mix(uint64_t seed, uint64_t i) {
 class BitWriter {
  public:
   explicit BitWriter(uint8_t* out) : out_(out) {}
+  // width <= 32. Whole 32-bit words are stored once they fill, not a byte per code.
   void Put(uint32_t code, uint32_t width) {
     acc_ |= static_cast<uint64_t>(code) << used_;
     used_ += width;
-    while (used_ >= 8) {
-      *out_++ = static_cast<uint8_t>(acc_);
-      acc_ >>= 8;
-      used_ -= 8;
+    if (used_ >= 32) {
+      const auto word = static_cast<uint32_t>(acc_);
+      std::memcpy(out_, &word, 4);
+      out_ += 4;
+      acc_ >>= 32;
+      used_ -= 32;
     }
   }
   void Flush() {
-    if (used_ > 0) *out_++ = static_cast<uint8_t>(acc_);
+    while (used_ > 0) {
+      *out_++ = static_cast<uint8_t>(acc_);
+      acc_ >>= 8;
+      used_ = used_ > 8 ? used_ - 8 : 0;
+    }
     acc_ = 0;
-    used_ = 0;
   }
 
  private:
   uint8_t* out_;
-  uint64_t acc_ = 0;
-  uint32_t used_ = 0;
-};
-
-class BitReader {
- public:
-  BitReader(const uint8_t* in, const uint8_t* end) : in_(in), end_(end) {}
-  // The caller has checked the stream holds every code it reads.
-  uint32_t Get(uint32_t width) {
-    while (used_ < width) {
-      acc_ |= static_cast<uint64_t>(*in_++) << used_;
-      used_ += 8;
-    }
-    const uint32_t code = static_cast<uint32_t>(acc_ & ((uint64_t{1} << width) - 1));
-    acc_ >>= width;
-    used_ -= width;
-    return code;
-  }
-  // Bits read from the stream but not consumed (the padding of the last byte).
-  uint64_t Leftover() const { return acc_; }
-  bool AtEnd() const { return in_ == end_; }
-
- private:
-  const uint8_t* in_;
-  const uint8_t* end_;
   uint64_t acc_ = 0;
   uint32_t used_ = 0;
 };
@@ -480,11 +461,30 @@ void EncodeQsgd(std::span<const float> v, uint32_t block, uint32_t levels, uint6
   writer.Flush();
 }
 
+// Code i occupies bits [i * width, (i + 1) * width) of the stream, LSB first. Each is read on
+// its own from an 8-byte window at its first byte (no bit reader carrying state from one code
+// to the next), so that the loop pipelines; the last few codes, whose window would pass the end
+// of the stream, are read a byte at a time.
 Status DecodeQsgd(const char* headers, const uint8_t* stream, size_t stream_bytes,
                   uint32_t block, uint32_t levels, std::span<float> out) {
   const size_t n = out.size();
   const uint32_t width = QsgdWidth(levels);
-  BitReader reader(stream, stream + stream_bytes);
+  const uint64_t mask = (uint64_t{1} << width) - 1;
+  // Codes whose 8-byte window lies inside the stream: bit offset / 8 + 8 <= stream_bytes.
+  const size_t windowed =
+      stream_bytes >= 8 ? std::min<size_t>(n, (stream_bytes - 8) * 8 / width + 1) : 0;
+  auto code_at = [&](size_t i) -> uint32_t {
+    const uint64_t bit = static_cast<uint64_t>(i) * width;
+    uint64_t window = 0;
+    if (i < windowed) {
+      std::memcpy(&window, stream + bit / 8, 8);
+    } else {
+      for (size_t b = bit / 8, shift = 0; b < stream_bytes && shift < 64; ++b, shift += 8) {
+        window |= static_cast<uint64_t>(stream[b]) << shift;
+      }
+    }
+    return static_cast<uint32_t>((window >> (bit % 8)) & mask);
+  };
   for (size_t b = 0, start = 0; start < n; ++b, start += block) {
     const size_t len = std::min<size_t>(block, n - start);
     const float m = LoadF32(headers + 4 * b);
@@ -494,19 +494,31 @@ Status DecodeQsgd(const char* headers, const uint8_t* stream, size_t stream_byte
     }
     // m * l / s in double, then rounded: at most m, so finite.
     const double step = static_cast<double>(m) / levels;
-    for (size_t i = 0; i < len; ++i) {
-      const uint32_t code = reader.Get(width);
+    bool valid = true;
+    for (size_t i = start; i < start + len; ++i) {
+      const uint32_t code = code_at(i);
       const uint32_t l = code >> 1;
       const bool negative = (code & 1u) != 0;
-      if (l > levels || (negative && l == 0)) {
-        return Status::InvalidArgument("qsgd tensor has an invalid code " + std::to_string(code) +
-                                       " at index " + std::to_string(start + i));
+      valid &= l <= levels && !(negative && l == 0);
+      // The sign OR-ed in rather than chosen by a branch: signs are random, a branch
+      // mispredicts on half the values.
+      const auto mag = std::bit_cast<uint32_t>(static_cast<float>(step * l));
+      out[i] = std::bit_cast<float>(mag | ((code & 1u) << 31));
+    }
+    if (!valid) {  // rare: find the first bad code for the message
+      for (size_t i = start; i < start + len; ++i) {
+        const uint32_t code = code_at(i);
+        if ((code >> 1) > levels || code == 1) {
+          return Status::InvalidArgument("qsgd tensor has an invalid code " + std::to_string(code) +
+                                         " at index " + std::to_string(i));
+        }
       }
-      const float mag = static_cast<float>(step * l);
-      out[start + i] = negative ? -mag : mag;
     }
   }
-  if (reader.Leftover() != 0 || !reader.AtEnd()) {
+  // The stream is exactly ceil(n * width / 8) bytes (checked by the caller); the bits after
+  // the last code must be zero.
+  const uint64_t used_bits = static_cast<uint64_t>(n) * width;
+  if (used_bits % 8 != 0 && (stream[used_bits / 8] >> (used_bits % 8)) != 0) {
     return Status::InvalidArgument("qsgd tensor has non-zero padding bits");
   }
   return Status::Ok();
