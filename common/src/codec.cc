@@ -485,6 +485,8 @@ Status DecodeQsgd(const char* headers, const uint8_t* stream, size_t stream_byte
     }
     return static_cast<uint32_t>((window >> (bit % 8)) & mask);
   };
+  // A code is 2 * level + sign: the level at most `levels`, and no "-0".
+  auto invalid = [levels](uint32_t code) { return (code >> 1) > levels || code == 1; };
   for (size_t b = 0, start = 0; start < n; ++b, start += block) {
     const size_t len = std::min<size_t>(block, n - start);
     const float m = LoadF32(headers + 4 * b);
@@ -494,21 +496,19 @@ Status DecodeQsgd(const char* headers, const uint8_t* stream, size_t stream_byte
     }
     // m * l / s in double, then rounded: at most m, so finite.
     const double step = static_cast<double>(m) / levels;
-    bool valid = true;
+    bool any_invalid = false;
     for (size_t i = start; i < start + len; ++i) {
       const uint32_t code = code_at(i);
-      const uint32_t l = code >> 1;
-      const bool negative = (code & 1u) != 0;
-      valid &= l <= levels && !(negative && l == 0);
+      any_invalid |= invalid(code);
       // The sign OR-ed in rather than chosen by a branch: signs are random, a branch
       // mispredicts on half the values.
-      const auto mag = std::bit_cast<uint32_t>(static_cast<float>(step * l));
+      const auto mag = std::bit_cast<uint32_t>(static_cast<float>(step * (code >> 1)));
       out[i] = std::bit_cast<float>(mag | ((code & 1u) << 31));
     }
-    if (!valid) {  // rare: find the first bad code for the message
+    if (any_invalid) {  // rare: find the first bad code for the message
       for (size_t i = start; i < start + len; ++i) {
         const uint32_t code = code_at(i);
-        if ((code >> 1) > levels || code == 1) {
+        if (invalid(code)) {
           return Status::InvalidArgument("qsgd tensor has an invalid code " + std::to_string(code) +
                                          " at index " + std::to_string(i));
         }
@@ -532,7 +532,7 @@ Status DecodeQsgd(const char* headers, const uint8_t* stream, size_t stream_byte
 // per bucket of their 11 highest bits (the sign bit is 0), and nth_element then runs only over
 // the bucket the k-th largest falls in. For an update-like input that bucket holds well under
 // 1% of the values, so selection costs three light passes instead of an O(n) nth_element
-// over a copy of every score (7-8x faster for the mlp; codec_bench).
+// over a copy of every score (encode about 5x faster; codec_bench, BENCHMARKS.md).
 struct KthLargest {
   float value = 0;
   uint64_t above = 0;  // scores strictly greater than `value`
