@@ -137,9 +137,11 @@ Status Decode(const proto::EncodedTensor& tensor, std::span<float> out);
 //
 // The residual is only flushed when its client is sampled, so under partial participation
 // (fraction C of the clients per round) it is ~1/C rounds stale when used. For topk:0.01 at
-// C = 0.1 this costs 1.6-2 points of accuracy against fp32 in the 100-client shards
-// simulation. The residual must still be kept whole: decaying, clipping or resetting it was
-// measured to be worse (docs/codecs/topk_error_feedback.md).
+// C = 0.1, topk trails fp32 by 1.6-2 points in the 100-client shards simulation; that gap
+// follows the values reaching the server per round (C * clients * f of the model), not the
+// staleness: the same 10% per round at C = 1 gives the same gap. The residual must still be
+// kept whole: decaying, clipping or resetting it was measured to be worse
+// (docs/codecs/topk_error_feedback.md).
 //
 // Typical use on a client, once per round:
 //   FEDSLICE_RETURN_IF_ERROR(feedback.Encode(spec, update, &tensor, seed));
