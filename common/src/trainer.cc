@@ -89,7 +89,8 @@ Result<TrainStats> Train(Model& model, const data::Dataset& data, const TrainCon
 
 Result<TrainStats> Train(Model& model, const data::Dataset& data, const TrainConfig& config,
                          Sgd& optimizer, std::span<const float> prox_anchor,
-                         std::function<void(const EpochStats&)> on_epoch) {
+                         std::function<void(const EpochStats&)> on_epoch,
+                         std::function<Status(int64_t steps_done)> after_step) {
   const auto start = Clock::now();
   FEDSLICE_RETURN_IF_ERROR(Sgd::Validate(optimizer.options()));
   if (config.epochs < 0) {
@@ -117,6 +118,7 @@ Result<TrainStats> Train(Model& model, const data::Dataset& data, const TrainCon
   const std::vector<float> initial(model.params().begin(), model.params().end());
   const std::vector<float> initial_velocity(optimizer.momentum_buffer().begin(),
                                             optimizer.momentum_buffer().end());
+  const float initial_lr = optimizer.options().lr;
 
   TrainStats stats;
   stats.num_samples = data.size();
@@ -137,15 +139,25 @@ Result<TrainStats> Train(Model& model, const data::Dataset& data, const TrainCon
       Gather(data, std::span<const int64_t>(order).subspan(first, count), &batch, &labels);
       Result<float> loss = model.TrainStep(batch, labels, optimizer, prox_anchor);
       if (!loss.ok()) return loss.status().WithContext("training step");
-      if (!std::isfinite(*loss)) {
+      auto restore = [&] {
         std::copy(initial.begin(), initial.end(), model.params().begin());
         optimizer.SetMomentumBuffer(initial_velocity);
+        optimizer.set_lr(initial_lr);
+      };
+      if (!std::isfinite(*loss)) {
+        restore();
         return Status::Aborted("training diverged: the loss became " + std::to_string(*loss) +
                                " in epoch " + std::to_string(epoch) +
                                "; weights restored (try a lower learning rate)");
       }
       loss_sum += static_cast<double>(*loss) * static_cast<double>(count);
       ++stats.steps;
+      if (after_step) {
+        if (Status hooked = after_step(stats.steps); !hooked.ok()) {
+          restore();
+          return hooked;
+        }
+      }
     }
     EpochStats es;
     es.epoch = epoch;

@@ -150,6 +150,40 @@ TEST(TrainerTest, DivergenceRestoresTheWeights) {
   EXPECT_TRUE(std::equal(before.begin(), before.end(), model.params().begin()));
 }
 
+TEST(TrainerTest, AfterStepSeesEveryStepAndMayChangeWeightsAndLearningRate) {
+  Model model = *Model::Create(MlpSpec());
+  Sgd optimizer({.lr = 0.05f});
+  std::vector<int64_t> seen;
+  // The hook pins weight 0 and, from step 3 on, stops learning (lr 1e-30 is valid).
+  Result<TrainStats> stats = Train(model, Blocks(50, 3), {.epochs = 2, .batch_size = 10}, optimizer,
+                                   {}, {}, [&](int64_t steps_done) {
+                                     seen.push_back(steps_done);
+                                     model.params()[0] = 0.25f;
+                                     if (steps_done == 3) optimizer.set_lr(1e-30f);
+                                     return Status::Ok();
+                                   });
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  EXPECT_EQ(seen, (std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
+  EXPECT_EQ(model.params()[0], 0.25f);
+  EXPECT_EQ(optimizer.options().lr, 1e-30f);
+}
+
+TEST(TrainerTest, AnAfterStepErrorRestoresWeightsAndLearningRate) {
+  Model model = *Model::Create(MlpSpec());
+  const std::vector<float> before(model.params().begin(), model.params().end());
+  Sgd optimizer({.lr = 0.05f});
+  Result<TrainStats> r =
+      Train(model, Blocks(50, 3), {.epochs = 2, .batch_size = 10}, optimizer, {}, {},
+            [&](int64_t steps_done) {
+              optimizer.set_lr(0.5f);
+              return steps_done == 4 ? Status::InvalidArgument("hook says no") : Status::Ok();
+            });
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().message(), "hook says no");
+  EXPECT_TRUE(std::equal(before.begin(), before.end(), model.params().begin()));
+  EXPECT_EQ(optimizer.options().lr, 0.05f);
+}
+
 TEST(ThreadingTest, SetNumThreadsIsObservable) {
   const int original = NumThreads();
   EXPECT_GE(original, 1);

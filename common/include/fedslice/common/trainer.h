@@ -65,9 +65,14 @@ Result<TrainStats> Train(Model& model, const data::Dataset& data, const TrainCon
 // As above with a caller-owned optimizer, so that its momentum state can persist across
 // calls or be checkpointed; config.lr/momentum/weight_decay/prox_mu are ignored in favour of
 // optimizer.options().
+// after_step, when set, is called after every optimizer step with the number of steps done so
+// far (1-based); it may change the model's weights and the optimizer's learning rate (what
+// the client's sparse refit does). An error it returns ends training like a divergence
+// does: the model is restored and the error returned.
 Result<TrainStats> Train(Model& model, const data::Dataset& data, const TrainConfig& config,
                          Sgd& optimizer, std::span<const float> prox_anchor = {},
-                         std::function<void(const EpochStats&)> on_epoch = {});
+                         std::function<void(const EpochStats&)> on_epoch = {},
+                         std::function<Status(int64_t steps_done)> after_step = {});
 
 // Loss and accuracy of `model` on `data`, in batches of batch_size (>= 1).
 Result<EvalStats> Evaluate(const Model& model, const data::Dataset& data, int batch_size = 256);
