@@ -574,16 +574,15 @@ Result<KthLargest> KthLargestScore(size_t n, uint64_t k, ScoreFn score) {
 // size) |x| / RMS of x over its segment (a segment of zeros scores 0). Every score above the
 // k-th largest is kept, and then the first ties with it in index order, so the choice is
 // deterministic. v is finite (checked by the caller).
-Status EncodeTopK(std::span<const float> v, uint64_t k, std::span<const uint64_t> segments,
-                  char* out) {
+// Calls keep(j, i) for the j-th (0-based, in index order) of the k values top-k keeps, i
+// being its index: the k largest scores, where a score is |v[i]|, or with `segments`
+// |v[i]| / RMS of v over i's segment. Ties at the k-th score go to the lowest indices.
+template <typename Keep>
+Status ForEachTopK(std::span<const float> v, uint64_t k, std::span<const uint64_t> segments,
+                   Keep keep) {
   const size_t n = v.size();
-  char* idx = out;
-  char* val = out + 4 * k;
-  if (k == n) {
-    for (size_t i = 0; i < n; ++i) {
-      StoreU32(idx + 4 * i, static_cast<uint32_t>(i));
-      StoreF32(val + 4 * i, v[i]);
-    }
+  if (k >= n) {
+    for (size_t i = 0; i < n; ++i) keep(i, i);
     return Status::Ok();
   }
   if (k == 0) return Status::Ok();
@@ -594,16 +593,12 @@ Status EncodeTopK(std::span<const float> v, uint64_t k, std::span<const uint64_t
     uint64_t j = 0;
     for (size_t i = 0; i < n && j < k; ++i) {
       const float x = score(i);
-      bool keep = x > threshold;
-      if (!keep && x == threshold && ties > 0) {
-        keep = true;
+      bool kept = x > threshold;
+      if (!kept && x == threshold && ties > 0) {
+        kept = true;
         --ties;
       }
-      if (keep) {
-        StoreU32(idx + 4 * j, static_cast<uint32_t>(i));
-        StoreF32(val + 4 * j, v[i]);
-        ++j;
-      }
+      if (kept) keep(j++, i);
     }
     return Status::Ok();
   };
@@ -634,6 +629,16 @@ Status EncodeTopK(std::span<const float> v, uint64_t k, std::span<const uint64_t
     at += size;
   }
   return emit([&scores](size_t i) { return scores[i]; });
+}
+
+Status EncodeTopK(std::span<const float> v, uint64_t k, std::span<const uint64_t> segments,
+                  char* out) {
+  char* idx = out;
+  char* val = out + 4 * k;
+  return ForEachTopK(v, k, segments, [&](uint64_t j, size_t i) {
+    StoreU32(idx + 4 * j, static_cast<uint32_t>(i));
+    StoreF32(val + 4 * j, v[i]);
+  });
 }
 
 Status DecodeTopK(const char* in, uint64_t k, std::span<float> out) {
@@ -744,6 +749,34 @@ Result<CodecSpec> ParseCodec(const proto::CodecConfig& config) {
   return ParseCodec(config.name(), config.block_size());
 }
 
+Result<SparseRefit> ParseSparseRefit(const proto::CodecConfig& config) {
+  SparseRefit refit;
+  const float scale = config.sparse_refit_lr_scale();
+  if (!config.has_sparse_refit()) {
+    FEDSLICE_ASSIGN_OR_RETURN(const CodecSpec spec, ParseCodec(config));
+    if (spec.kind == CodecKind::kTopK) refit.share = kDefaultSparseRefit;
+  }
+  const float share = config.has_sparse_refit() ? config.sparse_refit() : 0.0f;
+  if (!(share >= 0.0f && share < 1.0f)) {
+    return Status::InvalidArgument("sparse refit share must be in [0, 1), got " +
+                                   std::to_string(share));
+  }
+  if (!(scale >= 0.0f && scale <= kMaxSparseRefitLrScale)) {
+    return Status::InvalidArgument("sparse refit learning-rate scale must be in [0, " +
+                                   std::to_string(static_cast<int>(kMaxSparseRefitLrScale)) +
+                                   "] (0 = default), got " + std::to_string(scale));
+  }
+  if (share > 0.0f) {
+    FEDSLICE_ASSIGN_OR_RETURN(const CodecSpec spec, ParseCodec(config));
+    if (spec.kind != CodecKind::kTopK) {
+      return Status::InvalidArgument("sparse refit applies to topk codecs only, not " + spec.name);
+    }
+  }
+  if (config.has_sparse_refit()) refit.share = share;
+  if (scale > 0.0f) refit.lr_scale = scale;
+  return refit;
+}
+
 bool WantsErrorFeedback(const CodecSpec& spec, const proto::CodecConfig& config) {
   return spec.lossy() && (config.error_feedback() || spec.default_error_feedback());
 }
@@ -777,6 +810,42 @@ uint64_t PayloadBytes(const CodecSpec& spec, uint64_t n) {
   return 0;
 }
 
+namespace {
+
+// topk:f:layer's segments (empty otherwise, or when the caller set none: one segment),
+// checked to cover the n values.
+Result<std::span<const uint64_t>> TopKSegments(const CodecSpec& spec, uint64_t n) {
+  if (!spec.per_segment_scale) return std::span<const uint64_t>();
+  uint64_t total = 0;
+  for (const uint64_t size : spec.segments) total += size;
+  if (!spec.segments.empty() && total != n) {
+    return Status::InvalidArgument(spec.name + ": its segments hold " + std::to_string(total) +
+                                   " values, encoding " + std::to_string(n));
+  }
+  return std::span<const uint64_t>(spec.segments);
+}
+
+}  // namespace
+
+Result<std::vector<uint32_t>> SelectTopK(const CodecSpec& spec, std::span<const float> values) {
+  if (spec.kind != CodecKind::kTopK) {
+    return Status::InvalidArgument("SelectTopK needs a topk codec, got " + spec.name);
+  }
+  FEDSLICE_RETURN_IF_ERROR(CheckEncodable(values));
+  FEDSLICE_ASSIGN_OR_RETURN(const std::span<const uint64_t> segments,
+                            TopKSegments(spec, values.size()));
+  std::vector<uint32_t> indices;
+  try {
+    indices.resize(TopKCount(spec.fraction, values.size()));
+  } catch (const std::exception& e) {
+    return Status::ResourceExhausted(std::string("topk indices: ") + e.what());
+  }
+  FEDSLICE_RETURN_IF_ERROR(ForEachTopK(values, indices.size(), segments, [&](uint64_t j, size_t i) {
+    indices[j] = static_cast<uint32_t>(i);
+  }));
+  return indices;
+}
+
 Status Encode(const CodecSpec& spec, std::span<const float> values, proto::EncodedTensor* out,
               uint64_t seed) {
   if (spec.kind == CodecKind::kFp32) return net::EncodeFp32(values, out);
@@ -789,18 +858,7 @@ Status Encode(const CodecSpec& spec, std::span<const float> values, proto::Encod
                                    std::to_string(spec.block_size));
   }
   const uint64_t n = values.size();
-  // topk:f:layer's segments (empty otherwise, or when the caller set none: one segment).
-  const std::span<const uint64_t> segments = spec.per_segment_scale
-                                                 ? std::span<const uint64_t>(spec.segments)
-                                                 : std::span<const uint64_t>();
-  if (!segments.empty()) {
-    uint64_t total = 0;
-    for (const uint64_t size : segments) total += size;
-    if (total != n) {
-      return Status::InvalidArgument(spec.name + ": its segments hold " + std::to_string(total) +
-                                     " values, encoding " + std::to_string(n));
-    }
-  }
+  FEDSLICE_ASSIGN_OR_RETURN(const std::span<const uint64_t> segments, TopKSegments(spec, n));
   const uint64_t nb = spec.block_wise() ? NumBlocks(n, spec.block_size) : 0;
   out->Clear();
   out->set_codec(spec.name);

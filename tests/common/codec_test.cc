@@ -359,6 +359,78 @@ TEST(CodecRoundTrip, TopKPerLayerScalesEachSegmentByItsRms) {
   EXPECT_EQ(RoundTrip(layer, tiny), (std::vector<float>{4, 0, 0, 0, 0, 2 * d, 0, 0}));
 }
 
+// SelectTopK names exactly the indices Encode keeps, for plain and per-layer topk.
+TEST(CodecSelectTopK, NamesTheIndicesEncodeKeeps) {
+  const std::vector<float> v = RandomVector(5000, 21);
+  CodecSpec layer = Spec("topk:0.01:layer");
+  layer.segments = {4000, 990, 10};
+  for (const CodecSpec& spec : {Spec("topk:0.01"), Spec("topk:0.3"), layer}) {
+    proto::EncodedTensor t;
+    ASSERT_TRUE(Encode(spec, v, &t).ok());
+    auto indices = SelectTopK(spec, v);
+    ASSERT_TRUE(indices.ok()) << indices.status().ToString();
+    ASSERT_EQ(indices->size(), t.k());
+    for (size_t j = 0; j < indices->size(); ++j) {
+      uint32_t i = 0;
+      std::memcpy(&i, t.payload().data() + 4 * j, 4);
+      ASSERT_EQ((*indices)[j], i) << spec.name << " entry " << j;
+    }
+  }
+  // Per layer, a spike in a segment of small values gets a slot plain topk would not give it
+  // (|x| / RMS = 10 / 3.2 there, against about 2.6 for the 50th score of the others).
+  std::vector<float> small = v;
+  for (size_t i = 4990; i < 5000; ++i) small[i] = 1e-4f;
+  small[4995] = 1e-2f;
+  auto per_layer = SelectTopK(layer, small);
+  ASSERT_TRUE(per_layer.ok());
+  EXPECT_GE(per_layer->back(), 4990u);
+  auto plain = SelectTopK(Spec("topk:0.01"), small);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_LT(plain->back(), 4990u);
+
+  EXPECT_EQ(SelectTopK(Spec("int8"), v).status().code(), Status::Code::kInvalidArgument);
+  std::vector<float> bad = v;
+  bad[17] = std::nanf("");
+  EXPECT_EQ(SelectTopK(Spec("topk:0.01"), bad).status().code(), Status::Code::kInvalidArgument);
+  layer.segments = {4000, 990};
+  EXPECT_EQ(SelectTopK(layer, v).status().code(), Status::Code::kInvalidArgument);
+}
+
+TEST(CodecParse, SparseRefitDefaultsAndLimits) {
+  proto::CodecConfig config;
+  config.set_name("topk:0.01");
+  auto refit = ParseSparseRefit(config);
+  ASSERT_TRUE(refit.ok());
+  EXPECT_EQ(refit->share, kDefaultSparseRefit);  // unset: on for topk
+  EXPECT_EQ(refit->lr_scale, kDefaultSparseRefitLrScale);
+  config.set_sparse_refit(0);
+  EXPECT_FALSE(ParseSparseRefit(config)->on());  // set to 0: off
+  config.set_sparse_refit(0.25f);
+  config.set_sparse_refit_lr_scale(2);
+  EXPECT_EQ(ParseSparseRefit(config)->share, 0.25f);
+  EXPECT_EQ(ParseSparseRefit(config)->lr_scale, 2.0);
+  config.set_name("int8");
+  config.clear_sparse_refit();
+  EXPECT_FALSE(ParseSparseRefit(config)->on());  // unset: off for the other codecs
+
+  auto refused = [](const std::string& codec, float share, float scale) {
+    proto::CodecConfig bad;
+    bad.set_name(codec);
+    bad.set_sparse_refit(share);
+    bad.set_sparse_refit_lr_scale(scale);
+    const Status s = ParseSparseRefit(bad).status();
+    EXPECT_EQ(s.code(), Status::Code::kInvalidArgument) << codec << " " << share << " " << scale;
+    return s.message();
+  };
+  EXPECT_NE(refused("topk:0.01", 1.0f, 0).find("share must be in [0, 1)"), std::string::npos);
+  EXPECT_NE(refused("topk:0.01", -0.1f, 0).find("share"), std::string::npos);
+  EXPECT_NE(refused("topk:0.01", std::nanf(""), 0).find("share"), std::string::npos);
+  EXPECT_NE(refused("topk:0.01", 0.5f, 65).find("scale must be in [0, 64]"), std::string::npos);
+  EXPECT_NE(refused("topk:0.01", 0.5f, -1).find("scale"), std::string::npos);
+  EXPECT_NE(refused("topk:0.01", 0.5f, std::nanf("")).find("scale"), std::string::npos);
+  EXPECT_NE(refused("int8", 0.5f, 0).find("topk codecs only, not int8"), std::string::npos);
+}
+
 TEST(CodecRoundTrip, QsgdLevelsAndReproducibility) {
   const auto v = RandomVector(1000, 12);
   const CodecSpec spec = Spec("qsgd:4", 100);

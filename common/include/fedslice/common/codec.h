@@ -113,6 +113,23 @@ Result<CodecSpec> ParseCodec(const proto::CodecConfig& config);
 // default when the flag is unset (proto3 cannot tell false from unset, so false = default).
 bool WantsErrorFeedback(const CodecSpec& spec, const proto::CodecConfig& config);
 
+// Sparse refit (topk only): the last `share` of a client's local steps train only the
+// values top-k chose, at `lr_scale` times the learning rate (CodecConfig.sparse_refit).
+inline constexpr double kDefaultSparseRefit = 0.6;
+inline constexpr double kDefaultSparseRefitLrScale = 4.0;
+inline constexpr double kMaxSparseRefitLrScale = 64.0;
+struct SparseRefit {
+  double share = 0;  // in [0, 1); 0 = off
+  double lr_scale = kDefaultSparseRefitLrScale;
+  bool on() const { return share > 0; }
+};
+
+// The sparse refit `config` asks for, checked: share unset (kDefaultSparseRefit for topk,
+// off for the other codecs) or a number in [0, 1), a share above 0 only with a topk codec;
+// lr scale in [0, kMaxSparseRefitLrScale] (0 = the default). Errors: kInvalidArgument
+// naming the bad field, or the codec's own error.
+Result<SparseRefit> ParseSparseRefit(const proto::CodecConfig& config);
+
 // Number of values topk:fraction keeps out of n: ceil(fraction * n), at least 1 when n > 0,
 // at most n.
 uint64_t TopKCount(double fraction, uint64_t n);
@@ -126,6 +143,11 @@ uint64_t PayloadBytes(const CodecSpec& spec, uint64_t n);
 // than net::kMaxTensorValues values; kResourceExhausted if the payload cannot be allocated.
 Status Encode(const CodecSpec& spec, std::span<const float> values, proto::EncodedTensor* out,
               uint64_t seed = 0);
+
+// The indices, ascending, of the values Encode(spec, values) keeps; spec must be a topk
+// codec (with its segments, if per-segment). The client's sparse refit trains these. Errors:
+// Encode's, and kInvalidArgument for a codec other than topk.
+Result<std::vector<uint32_t>> SelectTopK(const CodecSpec& spec, std::span<const float> values);
 
 // Decodes `tensor` into `out`; out.size() is the number of values the receiver expects.
 // Errors: kInvalidArgument (see the checks above); `out` may then hold partial data.
