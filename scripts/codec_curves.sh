@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Accuracy per round for every update codec, from one script: runs `fedslice sim` (100
 # clients, 2 label shards each, C = 0.1, E = 5, B = 10, lr 0.05, mlp, ROUNDS rounds) once per
-# codec and writes
+# codec (topk also without its sparse refit) and writes
 #   OUT/codec_curves.csv   round,codec,accuracy,bytes_up  (one row per codec and round)
 #   OUT/codec_curves.png   the curves (gnuplot)
 #   OUT/codec_summary.csv  codec, mean accuracy over the last 10 rounds, upload bytes per round
@@ -13,7 +13,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 build=${FEDSLICE_BUILD_DIR:-$root/build}
 rounds=${1:-100}
 out=${2:-$root/docs/codecs}
-codecs=(fp32 fp16 int8 int4 "qsgd:16" sign "topk:0.01" "topk:0.01:layer")
+# Each run: the codec, then any extra flags; the whole string names the run.
+codecs=(fp32 fp16 int8 int4 "qsgd:16" sign "topk:0.01" "topk:0.01 --sparse-refit 0"
+  "topk:0.01:layer")
 fedslice=$build/tools/fedslice
 [[ -x "$fedslice" ]] || { echo "missing $fedslice: run scripts/build.sh first" >&2; exit 1; }
 command -v gnuplot >/dev/null || { echo "gnuplot is missing: apt-get install gnuplot-nox" >&2; exit 1; }
@@ -24,12 +26,14 @@ mkdir -p "$out"
 echo "round,codec,accuracy,bytes_up" > "$out/codec_curves.csv"
 echo "codec,mean_accuracy_last10,bytes_up_per_round,fraction_of_fp32" > "$out/codec_summary.csv"
 fp32_bytes=""
-for codec in "${codecs[@]}"; do
-  dir="$work/${codec//[:.]/_}"
-  echo "== $codec"
+for run in "${codecs[@]}"; do
+  read -r -a words <<< "$run"
+  codec=$run
+  dir="$work/${run//[^A-Za-z0-9]/_}"
+  echo "== $run"
   "$fedslice" sim --model mlp --data "$root/data/mnist-10k" --clients 100 --partition shards \
     --rounds "$rounds" --fraction 0.1 --epochs 5 --batch 10 --lr 0.05 --seed 1 \
-    --codec "$codec" --out-dir "$dir" --eval-every "$rounds" | tail -n 1
+    --codec "${words[0]}" "${words[@]:1}" --out-dir "$dir" --eval-every "$rounds" | tail -n 1
   # metrics.csv columns: round,accuracy,...,bytes_up (9th)
   awk -F, -v c="$codec" 'NR > 1 { print $1 "," c "," $2 "," $9 }' "$dir/metrics.csv" \
     >> "$out/codec_curves.csv"

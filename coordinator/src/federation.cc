@@ -72,6 +72,7 @@ Status FederationConfig::Validate() const {
   if (round_deadline.count() <= 0) return Status::InvalidArgument("round deadline must be > 0");
   if (eval_batch_size < 1) return Status::InvalidArgument("eval batch size must be >= 1");
   if (auto parsed = codec::ParseCodec(codec); !parsed.ok()) return parsed.status();
+  if (auto refit = codec::ParseSparseRefit(codec); !refit.ok()) return refit.status();
   if (auto parsed = codec::ParseCodec(downlink_codec); !parsed.ok()) {
     return parsed.status().WithContext("downlink codec");
   }
@@ -84,6 +85,8 @@ RunConfig FederationConfig::Fingerprint() const {
       {"codec", codec.name().empty() ? "fp32" : codec.name()},
       {"codec_block_size", std::to_string(codec.block_size())},
       {"error_feedback", codec.error_feedback() ? "on" : "default"},
+      {"sparse_refit", codec.has_sparse_refit() ? FormatDouble(codec.sparse_refit()) : "default"},
+      {"sparse_refit_lr_scale", FormatDouble(codec.sparse_refit_lr_scale())},
       {"downlink_codec", downlink_codec.name().empty() ? "fp32" : downlink_codec.name()},
       {"fraction", FormatDouble(fraction)},
       {"min_fit", std::to_string(min_fit)},

@@ -1,5 +1,8 @@
 #include "federation_flags.h"
 
+#include <charconv>
+#include <system_error>
+
 #include "fedslice/common/model_zoo.h"
 
 namespace fedslice::cli {
@@ -8,6 +11,8 @@ namespace po = boost::program_options;
 
 void AddFederationFlags(po::options_description& options, coordinator::FederationConfig* config,
                         FederationFlags* flags, const FederationDefaults& defaults) {
+  // One flag per line reads better than the formatter's call chain.
+  // clang-format off
   options.add_options()
       ("model", po::value(&flags->model)->default_value("mlp"), "built-in model: mlp | cnn")
       ("rounds", po::value(&config->rounds)->default_value(10), "total federated rounds")
@@ -32,6 +37,12 @@ void AddFederationFlags(po::options_description& options, coordinator::Federatio
       ("error-feedback", po::value(&flags->error_feedback)->default_value("default"),
        "on | default (on for sign and topk): keep what a lossy codec did not send and add "
        "it to the next update")
+      ("sparse-refit", po::value(&flags->sparse_refit)->default_value("default"),
+       "topk: share of the local steps, at the end, that train only the values top-k will "
+       "send, in [0, 1); 0 = off; default = 0.6 with topk")
+      ("sparse-refit-lr-scale",
+       po::value(&flags->sparse_refit_lr_scale)->default_value(0.0f, "0"),
+       "learning rate of those steps as a multiple of --lr (0 = 4)")
       ("downlink-codec", po::value(&flags->downlink_codec)->default_value("fp32"),
        "codec of the global weights sent to clients")
       ("seed", po::value(&flags->seed)->default_value(1),
@@ -39,6 +50,7 @@ void AddFederationFlags(po::options_description& options, coordinator::Federatio
       ("out-dir", po::value(&flags->out_dir),
        "checkpoints and metrics.{csv,jsonl} go here; a run started again on the same "
        "directory resumes");
+  // clang-format on
 }
 
 Status ApplyFederationFlags(const FederationFlags& flags, coordinator::FederationConfig* config) {
@@ -49,6 +61,20 @@ Status ApplyFederationFlags(const FederationFlags& flags, coordinator::Federatio
   config->codec.set_name(flags.codec);
   config->codec.set_block_size(flags.codec_block_size);
   config->codec.set_error_feedback(flags.error_feedback == "on");
+  if (flags.sparse_refit == "default") {
+    config->codec.clear_sparse_refit();
+  } else {
+    float share = 0;
+    const char* end = flags.sparse_refit.data() + flags.sparse_refit.size();
+    const auto [at, error] = std::from_chars(flags.sparse_refit.data(), end, share);
+    if (error != std::errc() || at != end) {
+      return Status::InvalidArgument(
+          "--sparse-refit must be 'default' or a number in [0, 1), got '" + flags.sparse_refit +
+          "'");
+    }
+    config->codec.set_sparse_refit(share);
+  }
+  config->codec.set_sparse_refit_lr_scale(flags.sparse_refit_lr_scale);
   config->downlink_codec.set_name(flags.downlink_codec);
   config->seed = flags.seed;
   config->out_dir = flags.out_dir;

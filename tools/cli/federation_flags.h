@@ -20,6 +20,8 @@ struct FederationFlags {
   std::string downlink_codec = "fp32";
   std::string error_feedback = "default";
   uint32_t codec_block_size = 0;
+  std::string sparse_refit = "default";
+  float sparse_refit_lr_scale = 0;
   uint64_t seed = 1;
   std::string out_dir;
 };
@@ -31,7 +33,8 @@ struct FederationDefaults {
 };
 
 // Adds --model --rounds --fraction --min-fit --epochs --batch --lr --momentum --weight-decay
-// --strategy --codec --codec-block-size --error-feedback --downlink-codec --seed --out-dir,
+// --strategy --codec --codec-block-size --error-feedback --sparse-refit
+// --sparse-refit-lr-scale --downlink-codec --seed --out-dir,
 // storing into `config` and `flags` (both must outlive the parse).
 void AddFederationFlags(boost::program_options::options_description& options,
                         coordinator::FederationConfig* config, FederationFlags* flags,

@@ -66,11 +66,18 @@ int RunSim(int argc, char** argv) {
     PrintError(command, test.status().ToString());
     return kExitFailure;
   }
-  std::printf("sim: %s, %d clients (%s), %u rounds, C=%g, E=%u, B=%u, lr=%g, %s, codec %s\n",
-              federation_flags.model.c_str(), config.num_clients, data::ToString(config.partition).c_str(),
-              fed.rounds, fed.fraction, fed.local_epochs, fed.batch_size,
-              static_cast<double>(fed.learning_rate), fed.strategy.ToString().c_str(),
-              federation_flags.codec.c_str());
+  // ApplyFederationFlags has validated the codec config.
+  const codec::SparseRefit refit = *codec::ParseSparseRefit(fed.codec);
+  char refit_note[96] = "";
+  if (refit.on()) {
+    std::snprintf(refit_note, sizeof refit_note, " (sparse refit: last %g%% of steps at %gx lr)",
+                  100 * refit.share, refit.lr_scale);
+  }
+  std::printf("sim: %s, %d clients (%s), %u rounds, C=%g, E=%u, B=%u, lr=%g, %s, codec %s%s\n",
+              federation_flags.model.c_str(), config.num_clients,
+              data::ToString(config.partition).c_str(), fed.rounds, fed.fraction, fed.local_epochs,
+              fed.batch_size, static_cast<double>(fed.learning_rate),
+              fed.strategy.ToString().c_str(), federation_flags.codec.c_str(), refit_note);
   std::fflush(stdout);
   const auto started = std::chrono::steady_clock::now();
   std::vector<float> final_weights;

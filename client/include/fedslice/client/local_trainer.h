@@ -38,9 +38,15 @@ class LocalTrainer {
   // Trains from the task's global weights (any codec) for its local epochs and returns the
   // FitResult (round and task id echoed, update encoded with the task's codec — plus the
   // error-feedback residual when the codec wants it —, sample count, last-epoch train loss).
+  // With a topk codec and a sparse refit share s > 0 (CodecConfig.sparse_refit), the last
+  // s of the local steps train only the values top-k picks after the first 1 - s, from
+  // global + (those values of update + residual), at lr_scale times the learning rate: the
+  // update is fit to what can be sent instead of cut from a dense one. Should that phase
+  // diverge or end with a higher loss on the local data than it began with, the update of
+  // the dense steps is sent instead (sparse_refit_fallbacks() counts these).
   // Errors, with nothing sent: no model (FailedPrecondition); weights of the wrong size or
-  // codec, or non-finite (InvalidArgument); bad hyperparameters (InvalidArgument); training
-  // diverged (Aborted).
+  // codec, or non-finite (InvalidArgument); bad hyperparameters or refit settings
+  // (InvalidArgument); training diverged (Aborted).
   Result<proto::FitResult> Fit(const proto::FitTask& task);
 
   // Loss and accuracy of the task's weights on the local test data (FailedPrecondition when
@@ -51,6 +57,8 @@ class LocalTrainer {
   // What error feedback still owes the coordinator (empty before the first lossy update).
   std::span<const float> residual() const { return feedback_.residual(); }
   const data::Dataset& train_data() const { return train_; }
+  // Fits whose sparse refit was abandoned for the dense steps' update (see Fit).
+  int64_t sparse_refit_fallbacks() const { return sparse_refit_fallbacks_; }
 
  private:
   Status LoadWeights(const proto::EncodedTensor& weights);
@@ -60,6 +68,7 @@ class LocalTrainer {
   std::unique_ptr<Model> model_;
   std::string run_id_;
   codec::ErrorFeedback feedback_;
+  int64_t sparse_refit_fallbacks_ = 0;
 };
 
 }  // namespace fedslice::client
