@@ -45,9 +45,13 @@ for run in "${codecs[@]}"; do
   echo "$codec,$summary,$fraction" >> "$out/codec_summary.csv"
 done
 
+# One colour per run (gnuplot's default cycle has eight).
+colours=(9400d3 009e73 56b4e9 e69f00 f0e442 0072b2 e51e10 000000 999999)
 plot_lines=()
+i=0
 for codec in "${codecs[@]}"; do
-  plot_lines+=("'$out/codec_curves.csv' using 1:(strcol(2) eq '$codec' ? \$3 * 100 : 1/0) with lines lw 2 title '$codec'")
+  plot_lines+=("'$out/codec_curves.csv' using 1:(strcol(2) eq '$codec' ? \$3 * 100 : 1/0) with lines lw 2 lc rgb '#${colours[i % ${#colours[@]}]}' title '$codec'")
+  i=$((i + 1))
 done
 gnuplot <<GNUPLOT
 set terminal pngcairo size 1000,600 noenhanced

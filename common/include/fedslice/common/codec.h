@@ -82,8 +82,8 @@ struct CodecSpec {
   // take every slot. `segments` are the sizes of consecutive segments, adding up to the
   // number of values encoded; the caller who knows the layers sets them (empty = one
   // segment: plain topk). The payload is plain topk's; decoding needs no segments.
-  // Measured trade-off (docs/codecs/topk_error_feedback.md): +0.4-0.7 points with 2-label
-  // shards, -0.5-0.7 with iid clients, so it is not the default.
+  // Measured (docs/codecs/topk_error_feedback.md): without the sparse refit, +0.4-0.7 points
+  // with 2-label shards and -0.5-0.7 with iid clients; with it (the default), no gain.
   bool per_segment_scale = false;
   std::vector<uint64_t> segments;
 
