@@ -80,13 +80,11 @@ Status FederationConfig::Validate() const {
 }
 
 RunConfig FederationConfig::Fingerprint() const {
-  return {
+  RunConfig fingerprint = {
       {"strategy", strategy.ToString()},
       {"codec", codec.name().empty() ? "fp32" : codec.name()},
       {"codec_block_size", std::to_string(codec.block_size())},
       {"error_feedback", codec.error_feedback() ? "on" : "default"},
-      {"sparse_refit", codec.has_sparse_refit() ? FormatDouble(codec.sparse_refit()) : "default"},
-      {"sparse_refit_lr_scale", FormatDouble(codec.sparse_refit_lr_scale())},
       {"downlink_codec", downlink_codec.name().empty() ? "fp32" : downlink_codec.name()},
       {"fraction", FormatDouble(fraction)},
       {"min_fit", std::to_string(min_fit)},
@@ -97,6 +95,14 @@ RunConfig FederationConfig::Fingerprint() const {
       {"momentum", FormatDouble(momentum)},
       {"weight_decay", FormatDouble(weight_decay)},
   };
+  // Only when it is on, so that runs without it (every run before it existed) keep their
+  // fingerprint and resume; the effective values, so that "default" cannot hide a change.
+  if (auto refit = codec::ParseSparseRefit(codec); refit.ok() && refit->on()) {
+    // As floats, the type on the wire: an explicit 0.6 and the default are one setting.
+    fingerprint.emplace("sparse_refit", FormatDouble(static_cast<float>(refit->share)));
+    fingerprint.emplace("sparse_refit_lr_scale", FormatDouble(static_cast<float>(refit->lr_scale)));
+  }
+  return fingerprint;
 }
 
 Result<std::unique_ptr<Federation>> Federation::Create(FederationConfig config,

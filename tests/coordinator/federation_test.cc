@@ -110,6 +110,49 @@ TEST(SimulationTest, ResumedRunEqualsUninterruptedRun) {
       << refused.status().ToString();
 }
 
+// The run fingerprint holds the effective sparse refit, and only when it is on: runs without
+// it keep the fingerprint they had before it existed.
+TEST(FederationTest, FingerprintNamesTheSparseRefitWhenItIsOn) {
+  FederationConfig config = BaseConfig().federation;
+  config.codec.set_name("topk:0.1");
+  const RunConfig by_default = config.Fingerprint();
+  ASSERT_EQ(by_default.count("sparse_refit"), 1u);
+  EXPECT_EQ(by_default.at("sparse_refit_lr_scale"), "4");
+  config.codec.set_sparse_refit(0.6f);
+  EXPECT_EQ(config.Fingerprint(), by_default);  // the default, spelt out
+  config.codec.set_sparse_refit_lr_scale(8);
+  EXPECT_EQ(config.Fingerprint().at("sparse_refit_lr_scale"), "8");
+  config.codec.set_sparse_refit(0);
+  EXPECT_EQ(config.Fingerprint().count("sparse_refit"), 0u);
+  EXPECT_EQ(config.Fingerprint().count("sparse_refit_lr_scale"), 0u);
+  config.codec.set_name("int8");
+  config.codec.clear_sparse_refit();
+  EXPECT_EQ(config.Fingerprint().count("sparse_refit"), 0u);
+}
+
+TEST(SimulationTest, AResumeThatWouldTurnTheRefitOnIsRefused) {
+  const data::Dataset train = SyntheticData(600, 1);
+  const data::Dataset test = SyntheticData(200, 2);
+  testing::TempDir dir;
+  SimulationConfig config = BaseConfig();
+  config.federation.codec.set_name("topk:0.1");
+  config.federation.codec.set_sparse_refit(0);
+  config.federation.out_dir = dir.path();
+  config.federation.rounds = 2;
+  ASSERT_TRUE(RunSimulation(config, train, test).ok());
+  config.federation.rounds = 4;
+  config.federation.codec.clear_sparse_refit();
+  auto refused = RunSimulation(config, train, test);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.status().message().find("sparse_refit: not set in the checkpoint"),
+            std::string::npos)
+      << refused.status().ToString();
+  config.federation.codec.set_sparse_refit(0);
+  auto resumed = RunSimulation(config, train, test);
+  ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
+  EXPECT_EQ(resumed->size(), 2u);
+}
+
 TEST(FederationTest, RoundNeedsMinFitAndRetriesWithAnotherSample) {
   FederationConfig config = BaseConfig().federation;
   config.fraction = 0.4;
