@@ -138,9 +138,8 @@ Result<proto::FitResult> LocalTrainer::Fit(const proto::FitTask& task) {
   config.weight_decay = task.weight_decay();
   config.prox_mu = task.prox_mu();
   config.seed = task.seed();
-  const SgdOptions options{config.lr, config.momentum, config.weight_decay, config.prox_mu};
-  FEDSLICE_RETURN_IF_ERROR(Sgd::Validate(options).WithContext("local training"));
-  Sgd optimizer(options);
+  // Train checks the options; the refit needs the optimizer to change its learning rate.
+  Sgd optimizer({config.lr, config.momentum, config.weight_decay, config.prox_mu});
 
   // The refit takes the last `share` of the steps, and at least one step stays dense.
   const int64_t steps_per_epoch = (train_.size() + config.batch_size - 1) / config.batch_size;

@@ -18,10 +18,7 @@ namespace {
 
 using namespace std::chrono_literals;
 
-struct Outcome {
-  testing::ExitStatus status;
-  std::string output;
-};
+using Outcome = testing::Finished;
 
 class InferCliTest : public ::testing::Test {
  protected:
@@ -48,13 +45,10 @@ class InferCliTest : public ::testing::Test {
   }
 
   Outcome Run(const std::filesystem::path& program, const std::vector<std::string>& args) {
-    const auto log = dir_.path() / ("run-" + std::to_string(runs_++) + ".log");
-    auto process = testing::Subprocess::Start(program, args, log);
-    EXPECT_TRUE(process.ok()) << process.status().ToString();
-    if (!process.ok()) return {};
-    auto status = (*process)->Wait(60s);
-    EXPECT_TRUE(status.has_value()) << program << " did not finish";
-    return {status.value_or(testing::ExitStatus{}), (*process)->ReadLog()};
+    auto run = testing::RunToEnd(program, args,
+                                 dir_.path() / ("run-" + std::to_string(runs_++) + ".log"), 60s);
+    EXPECT_TRUE(run.ok()) << run.status().ToString();
+    return run.ok() ? *run : Outcome{};
   }
 
   std::vector<std::string> RequesterTls() const {

@@ -12,22 +12,17 @@ namespace {
 
 using namespace std::chrono_literals;
 
-struct Outcome {
-  testing::ExitStatus status;
-  std::string output;
-};
+using Outcome = testing::Finished;
 
 Outcome RunPlan(const std::vector<std::string>& args) {
   static int counter = 0;
   testing::TempDir dir;
   auto binary = testing::BinaryPath("fedslice");
   EXPECT_TRUE(binary.ok()) << binary.status().ToString();
-  const auto log = dir.path() / ("plan-" + std::to_string(counter++) + ".log");
-  auto process = testing::Subprocess::Start(*binary, args, log);
-  EXPECT_TRUE(process.ok()) << process.status().ToString();
-  auto status = (*process)->Wait(60s);
-  EXPECT_TRUE(status.has_value()) << "fedslice plan did not finish";
-  return {status.value_or(testing::ExitStatus{}), (*process)->ReadLog()};
+  auto run = testing::RunToEnd(*binary, args,
+                               dir.path() / ("plan-" + std::to_string(counter++) + ".log"), 60s);
+  EXPECT_TRUE(run.ok()) << run.status().ToString();
+  return run.ok() ? *run : Outcome{};
 }
 
 TEST(PlanCliTest, PrintsATableWithOneRowPerSliceAndThePredictedThroughput) {

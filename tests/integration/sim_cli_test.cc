@@ -10,12 +10,8 @@ namespace {
 
 using namespace std::chrono_literals;
 
-struct Outcome {
-  testing::ExitStatus status;
-  std::string output;
-};
-
-Outcome RunSim(const std::vector<std::string>& extra) {
+// A 4-client, 1-round sim on MNIST-10k plus `extra` flags.
+testing::Finished RunSim(const std::vector<std::string>& extra) {
   static int counter = 0;
   testing::TempDir dir;
   auto binary = testing::BinaryPath("fedslice");
@@ -27,12 +23,10 @@ Outcome RunSim(const std::vector<std::string>& extra) {
       "--clients", "4",        "--rounds", "1",         "--fraction",
       "1",         "--epochs", "1",        "--out-dir", (dir.path() / "run").string()};
   args.insert(args.end(), extra.begin(), extra.end());
-  const auto log = dir.path() / ("sim-" + std::to_string(counter++) + ".log");
-  auto process = testing::Subprocess::Start(*binary, args, log);
-  EXPECT_TRUE(process.ok()) << process.status().ToString();
-  auto status = (*process)->Wait(120s);
-  EXPECT_TRUE(status.has_value()) << "fedslice sim did not finish";
-  return {status.value_or(testing::ExitStatus{}), (*process)->ReadLog()};
+  auto run = testing::RunToEnd(*binary, args,
+                               dir.path() / ("sim-" + std::to_string(counter++) + ".log"), 120s);
+  EXPECT_TRUE(run.ok()) << run.status().ToString();
+  return run.ok() ? *run : testing::Finished{};
 }
 
 TEST(SimCliTest, BadSparseRefitFlagsAreUsageErrors) {
@@ -48,7 +42,7 @@ TEST(SimCliTest, BadSparseRefitFlagsAreUsageErrors) {
                              "sparse refit applies to topk codecs only, not int8"},
                         Case{{"--codec", "topk:0.01", "--sparse-refit-lr-scale", "100"},
                              "learning-rate scale must be in [0, 64]"}}) {
-    const Outcome out = RunSim(c.flags);
+    const testing::Finished out = RunSim(c.flags);
     EXPECT_EQ(out.status.code, 2) << out.output;
     EXPECT_NE(out.output.find(c.says), std::string::npos) << out.output;
     EXPECT_EQ(out.output.find("round    1"), std::string::npos) << out.output;
@@ -56,15 +50,15 @@ TEST(SimCliTest, BadSparseRefitFlagsAreUsageErrors) {
 }
 
 TEST(SimCliTest, TopKRefitsByDefaultAndNotWhenTurnedOff) {
-  const Outcome on = RunSim({"--codec", "topk:0.01"});
+  const testing::Finished on = RunSim({"--codec", "topk:0.01"});
   ASSERT_TRUE(on.status.success()) << on.output;
   EXPECT_NE(on.output.find("codec topk:0.01 (sparse refit: last 60% of steps at 4x lr)"),
             std::string::npos)
       << on.output;
-  const Outcome off = RunSim({"--codec", "topk:0.01", "--sparse-refit", "0"});
+  const testing::Finished off = RunSim({"--codec", "topk:0.01", "--sparse-refit", "0"});
   ASSERT_TRUE(off.status.success()) << off.output;
   EXPECT_EQ(off.output.find("sparse refit"), std::string::npos) << off.output;
-  const Outcome int8 = RunSim({"--codec", "int8"});
+  const testing::Finished int8 = RunSim({"--codec", "int8"});
   ASSERT_TRUE(int8.status.success()) << int8.output;
   EXPECT_EQ(int8.output.find("sparse refit"), std::string::npos) << int8.output;
 }

@@ -186,6 +186,21 @@ bool Subprocess::WaitForLog(std::string_view text, std::chrono::milliseconds tim
   }
 }
 
+Result<Finished> RunToEnd(const std::filesystem::path& program,
+                          const std::vector<std::string>& args,
+                          const std::filesystem::path& log_file,
+                          std::chrono::milliseconds timeout) {
+  FEDSLICE_ASSIGN_OR_RETURN(std::unique_ptr<Subprocess> process,
+                            Subprocess::Start(program, args, log_file));
+  const std::optional<ExitStatus> status = process->Wait(timeout);
+  if (!status) {
+    return Status::DeadlineExceeded(program.filename().string() + " still running after " +
+                                    std::to_string(timeout.count()) + " ms; killed\n" +
+                                    process->ReadLog());
+  }
+  return Finished{*status, process->ReadLog()};
+}
+
 Result<std::filesystem::path> BinaryPath(const std::string& name) {
   std::filesystem::path root;
   if (const char* dir = std::getenv("FEDSLICE_BINARY_DIR")) {

@@ -75,6 +75,18 @@ class Subprocess {
   std::optional<ExitStatus> status_;
 };
 
+// How a program run to its end ended, and everything it wrote (stdout and stderr).
+struct Finished {
+  ExitStatus status;
+  std::string output;
+};
+
+// Runs `program` with `args` to its end, its output logged to `log_file`. Errors: Start's;
+// kDeadlineExceeded when it is still running after `timeout` (it is then killed).
+Result<Finished> RunToEnd(const std::filesystem::path& program,
+                          const std::vector<std::string>& args,
+                          const std::filesystem::path& log_file, std::chrono::milliseconds timeout);
+
 // A built program of this build tree: looks in $FEDSLICE_BINARY_DIR (set by CTest; else the
 // build directory derived from this test binary's location) and its client/, coordinator/
 // and tools/ subdirectories. kNotFound naming the places searched.
