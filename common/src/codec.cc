@@ -750,29 +750,28 @@ Result<CodecSpec> ParseCodec(const proto::CodecConfig& config) {
 }
 
 Result<SparseRefit> ParseSparseRefit(const proto::CodecConfig& config) {
+  FEDSLICE_ASSIGN_OR_RETURN(const CodecSpec spec, ParseCodec(config));
+  const bool topk = spec.kind == CodecKind::kTopK;
   SparseRefit refit;
+  if (config.has_sparse_refit()) {
+    const float share = config.sparse_refit();
+    if (!(share >= 0.0f && share < 1.0f)) {
+      return Status::InvalidArgument("sparse refit share must be in [0, 1), got " +
+                                     std::to_string(share));
+    }
+    if (share > 0.0f && !topk) {
+      return Status::InvalidArgument("sparse refit applies to topk codecs only, not " + spec.name);
+    }
+    refit.share = share;
+  } else if (topk) {
+    refit.share = kDefaultSparseRefit;
+  }
   const float scale = config.sparse_refit_lr_scale();
-  if (!config.has_sparse_refit()) {
-    FEDSLICE_ASSIGN_OR_RETURN(const CodecSpec spec, ParseCodec(config));
-    if (spec.kind == CodecKind::kTopK) refit.share = kDefaultSparseRefit;
-  }
-  const float share = config.has_sparse_refit() ? config.sparse_refit() : 0.0f;
-  if (!(share >= 0.0f && share < 1.0f)) {
-    return Status::InvalidArgument("sparse refit share must be in [0, 1), got " +
-                                   std::to_string(share));
-  }
   if (!(scale >= 0.0f && scale <= kMaxSparseRefitLrScale)) {
     return Status::InvalidArgument("sparse refit learning-rate scale must be in [0, " +
                                    std::to_string(static_cast<int>(kMaxSparseRefitLrScale)) +
                                    "] (0 = default), got " + std::to_string(scale));
   }
-  if (share > 0.0f) {
-    FEDSLICE_ASSIGN_OR_RETURN(const CodecSpec spec, ParseCodec(config));
-    if (spec.kind != CodecKind::kTopK) {
-      return Status::InvalidArgument("sparse refit applies to topk codecs only, not " + spec.name);
-    }
-  }
-  if (config.has_sparse_refit()) refit.share = share;
   if (scale > 0.0f) refit.lr_scale = scale;
   return refit;
 }

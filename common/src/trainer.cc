@@ -119,6 +119,11 @@ Result<TrainStats> Train(Model& model, const data::Dataset& data, const TrainCon
   const std::vector<float> initial_velocity(optimizer.momentum_buffer().begin(),
                                             optimizer.momentum_buffer().end());
   const float initial_lr = optimizer.options().lr;
+  auto restore = [&] {
+    std::copy(initial.begin(), initial.end(), model.params().begin());
+    optimizer.SetMomentumBuffer(initial_velocity);
+    optimizer.set_lr(initial_lr);
+  };
 
   TrainStats stats;
   stats.num_samples = data.size();
@@ -139,11 +144,6 @@ Result<TrainStats> Train(Model& model, const data::Dataset& data, const TrainCon
       Gather(data, std::span<const int64_t>(order).subspan(first, count), &batch, &labels);
       Result<float> loss = model.TrainStep(batch, labels, optimizer, prox_anchor);
       if (!loss.ok()) return loss.status().WithContext("training step");
-      auto restore = [&] {
-        std::copy(initial.begin(), initial.end(), model.params().begin());
-        optimizer.SetMomentumBuffer(initial_velocity);
-        optimizer.set_lr(initial_lr);
-      };
       if (!std::isfinite(*loss)) {
         restore();
         return Status::Aborted("training diverged: the loss became " + std::to_string(*loss) +
